@@ -1,0 +1,30 @@
+"""Path-SGD for JAX: path-normalised optimisation of ReLU networks as Optax transformations.
+
+Neyshabur, Salakhutdinov & Srebro, *Path-SGD: Path-Normalized Optimization in Deep Neural
+Networks*, NIPS 2015.
+"""
+
+from pathsgd_jax import linen, nnx
+from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
+from pathsgd_jax._pathnet import Operation
+from pathsgd_jax._report import LeafReport, PathStructure, path_structure
+from pathsgd_jax._scales import path_norm, path_scales
+from pathsgd_jax._transform import ScaleByPathNormState, path_sgd, scale_by_path_norm
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LeafReport",
+    "Operation",
+    "PathNetworkError",
+    "PathStructure",
+    "ScaleByPathNormState",
+    "UnsupportedOperationError",
+    "linen",
+    "nnx",
+    "path_norm",
+    "path_scales",
+    "path_sgd",
+    "path_structure",
+    "scale_by_path_norm",
+)

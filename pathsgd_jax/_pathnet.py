@@ -1,0 +1,615 @@
+"""The path network: the user's network re-read, primitive by primitive, with powered weights.
+
+For a ReLU network with weights ``w``, the *path network* ``N(v, 1)`` evaluates the same
+computation graph with every edge weight replaced by ``v = |w|^p`` on an all-ones input, with
+every ReLU acting as the identity. Its summed output is the path sum
+``g(v) = Σ_paths Π_{e∈path} |w_e|^p`` and ``∂g/∂v_e`` is the sum over paths through ``e`` of
+the product of the other edges (Neyshabur et al., 2015).
+
+Simply calling ``apply_fn(|θ|^p, ones)`` is wrong whenever the graph holds a multiplicative
+constant that is not a parameter (average pooling's ``1/k``, a residual scale, a subtraction)
+or an operation that is not linear and positively homogeneous (tanh, LayerNorm, ...). So the
+network is traced to a jaxpr and re-evaluated here with one explicit rule per primitive. Every
+value carries a *kind*:
+
+``CONST``
+  depends on neither parameters nor input; kept at its true value (concrete when possible),
+  and raised to ``|c|^p`` only where it meets a parameter or an activation.
+``PARAM``
+  depends on parameters only (a weight, possibly reshaped, cast or scaled); held as ``|w|^p``.
+``ACT``
+  depends on the input: an activation of the path network, held as its (non-negative) value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
+from jax._src import source_info_util
+
+from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
+
+
+class Kind(enum.IntEnum):
+  CONST = 0
+  PARAM = 1
+  ACT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Val:
+  kind: Kind
+  value: Any
+  leaves: frozenset[int] = frozenset()  # parameter leaves a PARAM value was derived from
+
+
+class Operation(NamedTuple):
+  """One operation of the path network, as listed in the structure report.
+
+  Attributes:
+    primitive: the JAX primitive of the user's network.
+    role: what the path network does with it (``"dense"``, ``"conv"``, ``"bias"``,
+      ``"relu (identity)"``, ``"max pooling (sum over window)"``, ...).
+    shape: shape of the activation it produces (for the single all-ones example).
+    leaves: names of the parameter leaves it reads.
+    where: the module path and source line that produced it.
+  """
+
+  primitive: str
+  role: str
+  shape: tuple[int, ...]
+  leaves: tuple[str, ...]
+  where: str
+
+
+# Primitives that only move, copy, sum or select entries: linear in each operand, so they act
+# on powered values unchanged (constants among their operands are powered first).
+_LAYOUT = frozenset({
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "rev", "slice",
+    "copy", "copy_p", "sharding_constraint", "mesh_cast", "reshard", "device_put",
+    "optimization_barrier",
+})
+_LINEAR = frozenset({
+    "concatenate", "pad", "reduce_sum", "reduce_window_sum", "cumsum", "select_n",
+    "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add",
+})
+_ADDITIVE = frozenset({"add", "add_any", "sub"})
+_IDENTITY = frozenset({"neg", "convert_element_type", "reduce_precision"})
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+                    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+_STOCHASTIC = frozenset({"random_bits", "rng_bit_generator", "rng_uniform", "threefry2x32"})
+_COMPARISONS = {"gt": True, "ge": True, "lt": False, "le": False}
+_MIRRORED = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
+# Operands of these primitives that must be constants (indices), by position.
+_INDEX_OPERANDS = {"dynamic_slice": slice(1, None), "dynamic_update_slice": slice(2, None),
+                   "gather": slice(1, 2), "scatter-add": slice(1, 2), "scatter_add": slice(1, 2),
+                   "select_n": slice(0, 1)}
+
+_HINTS = {
+    "tanh": "tanh (jnp.tanh, or the tanh approximation inside jax.nn.gelu)",
+    "logistic": "a sigmoid (jax.nn.sigmoid, jax.nn.silu/swish, gating)",
+    "erf": "an erf (the exact jax.nn.gelu)",
+    "exp": "an exponential (softmax, softplus, ELU, log-sum-exp)",
+    "exp2": "an exponential",
+    "log": "a logarithm (log_softmax, softplus)",
+    "log1p": "a logarithm (softplus, log_sigmoid)",
+    "rsqrt": "a normalisation by a statistic (LayerNorm, RMSNorm, train-mode BatchNorm)",
+    "sqrt": "a square root (a norm or a normalisation)",
+    "integer_pow": "a power (a variance in LayerNorm/BatchNorm, a squared activation)",
+    "square": "a square (a variance in LayerNorm/BatchNorm)",
+    "pow": "a power",
+    "gather": "an indexing by input-derived indices (an embedding lookup)",
+    "reduce_max": "a maximum",
+    "min": "a minimum (ReLU6, clipping)",
+    "clamp": "a clipping (ReLU6, hard_tanh, jnp.clip)",
+    "sign": "a sign",
+    "abs": "an absolute value",
+    "div": "a division by a parameter or activation (weight normalisation, a statistic)",
+    "mul": "a product of two activations (attention, gating, a variance)",
+    "dot_general": "a product of two activations (attention, bilinear layers)",
+    "while": "a while loop (lax.fori_loop/while_loop with a traced trip count)",
+    "cond": "a data-dependent branch (lax.cond/switch)",
+}
+
+_ADVICE = (
+    "Path-SGD and path norms need a network whose activations pass only through linear maps, "
+    "additions, ReLU/leaky ReLU and pooling. Replace the operation, or, if the leaves feeding "
+    "it are not path weights (e.g. a normalisation scale), pass `mask=` to exclude them and "
+    "restructure the model so the operation does not act on activations."
+)
+
+
+def _where(eqn, callers: Sequence[Any] = ()) -> str:
+  """Module path and source lines of an equation, falling back to its enclosing calls."""
+  inside = [c.params["name"] for c in callers if "name" in c.params]
+  for candidate in [eqn, *reversed(callers)]:
+    frames = list(source_info_util.user_frames(candidate.source_info.traceback))
+    if frames:
+      break
+  # Innermost frame first, then its callers: a library frame (e.g. flax) and the user's line.
+  shown = [f"{f.file_name}:{f.start_line} ({f.function_name})" for f in frames[:3]]
+  scope = str(candidate.source_info.name_stack)
+  text = " <- ".join(shown) if shown else "unknown source"
+  if inside:
+    text = f"{text}, inside {' > '.join(inside)}"
+  return f"{scope}: {text}" if scope else text
+
+
+def _concrete(x) -> np.ndarray | None:
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+    return None
+
+
+def _subjaxpr(eqn) -> tuple[jex_core.Jaxpr, Sequence[Any]]:
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    inner = eqn.params.get(key)
+    if isinstance(inner, jex_core.ClosedJaxpr):
+      return inner.jaxpr, inner.consts
+    if isinstance(inner, jex_core.Jaxpr):
+      return inner, ()
+  raise self.unsupported(eqn, "it calls a sub-computation this interpreter cannot open")
+
+
+class PathInterpreter:
+  """Evaluates a jaxpr as the path network. One instance per evaluation.
+
+  Args:
+    p: the exponent of the path norm.
+    dtype: the floating dtype every powered value is computed in.
+    leaf_names: names of the parameter leaves, for the structure report.
+    record: whether to record the operations for the structure report.
+  """
+
+  def __init__(self, p: float, dtype, leaf_names: Sequence[str], record: bool = False):
+    self.p = p
+    self.dtype = dtype
+    self.leaf_names = list(leaf_names)
+    self.record = record
+    self.operations: list[Operation] = []
+    self.leaf_roles: dict[int, set[str]] = {}
+    self.callers: list[Any] = []  # enclosing call equations, for error messages
+
+  def where(self, eqn) -> str:
+    return _where(eqn, self.callers)
+
+  def unsupported(self, eqn, detail: str) -> UnsupportedOperationError:
+    name = eqn.primitive.name
+    hint = _HINTS.get(name)
+    what = f"`{name}`" + (f" ({hint})" if hint else "")
+    return UnsupportedOperationError(
+        f"The path network cannot contain {what}: {detail}. It was produced at "
+        f"{self.where(eqn)}. " + _ADVICE)
+
+  # ----------------------------------------------------------------------------- helpers
+  def power(self, c) -> jax.Array:
+    """|c|^p for a constant, in the compute dtype."""
+    c = jnp.abs(jnp.asarray(c).astype(self.dtype))
+    if self.p == 1:
+      return c
+    if self.p == 2:
+      return c * c
+    return c ** self.p
+
+  def lift(self, val: _Val, kind: Kind) -> jax.Array:
+    if val.kind == Kind.CONST and kind != Kind.CONST:
+      return self.power(val.value)
+    return val.value
+
+  def _note(self, eqn, role: str, out, inputs: Sequence[_Val], param_role: str | None = None):
+    leaves = frozenset().union(*(v.leaves for v in inputs if v.kind == Kind.PARAM))
+    if param_role is not None:
+      for leaf in leaves:
+        self.leaf_roles.setdefault(leaf, set()).add(param_role)
+    if self.record:
+      self.operations.append(Operation(
+          primitive=eqn.primitive.name, role=role, shape=tuple(np.shape(out)),
+          leaves=tuple(self.leaf_names[i] for i in sorted(leaves)), where=self.where(eqn)))
+
+  # ----------------------------------------------------------------------------- driver
+  def run(self, jaxpr: jex_core.Jaxpr, consts: Sequence[_Val], args: Sequence[_Val]) -> list[_Val]:
+    env: dict[Any, _Val] = {}
+
+    def read(var) -> _Val:
+      if isinstance(var, jex_core.Literal):
+        return _Val(Kind.CONST, var.val)
+      return env[var]
+
+    for var, val in zip(jaxpr.constvars, consts, strict=True):
+      env[var] = val
+    for var, val in zip(jaxpr.invars, args, strict=True):
+      env[var] = val
+    for eqn in jaxpr.eqns:
+      outs = self.eqn(eqn, [read(v) for v in eqn.invars])
+      for var, out in zip(eqn.outvars, outs, strict=True):
+        if not isinstance(var, jex_core.DropVar):
+          env[var] = out
+    return [read(v) for v in jaxpr.outvars]
+
+  def eqn(self, eqn, invals: list[_Val]) -> list[_Val]:
+    name = eqn.primitive.name
+    if name in _STOCHASTIC:
+      raise UnsupportedOperationError(
+          f"The network draws random numbers (`{name}` at {self.where(eqn)}): the path network must "
+          "be deterministic. Build `apply_fn` in inference mode (e.g. dropout with "
+          "deterministic=True / train=False, or model.eval() for NNX).")
+    if name in _CALLS:
+      inner, inner_consts = _subjaxpr(eqn)
+      self.callers.append(eqn)
+      try:
+        return self.run(inner, [_Val(Kind.CONST, c) for c in inner_consts], invals)
+      finally:
+        self.callers.pop()
+    if name == "scan":
+      return self._scan(eqn, invals)
+    if name == "cond":
+      return self._cond(eqn, invals)
+    if all(v.kind == Kind.CONST for v in invals):
+      return self._constant(eqn, invals)
+    return self._rule(eqn, invals)
+
+  def _constant(self, eqn, invals):
+    subfuns, params = eqn.primitive.get_bind_params(eqn.params)
+    with jax.ensure_compile_time_eval():
+      out = eqn.primitive.bind(*subfuns, *[v.value for v in invals], **params)
+    outs = out if eqn.primitive.multiple_results else [out]
+    return [_Val(Kind.CONST, o) for o in outs]
+
+  # ----------------------------------------------------------------------------- rules
+  def _rule(self, eqn, invals: list[_Val]) -> list[_Val]:
+    name = eqn.primitive.name
+    kind = max(v.kind for v in invals)
+    leaves = frozenset().union(*(v.leaves for v in invals))
+
+    def result(value, role=None, param_role=None):
+      if kind == Kind.ACT and role is not None:
+        self._note(eqn, role, value, invals, param_role)
+      return [_Val(kind, value, leaves if kind == Kind.PARAM else frozenset())]
+
+    if name in _IDENTITY:
+      (val,) = invals
+      return result(val.value)
+
+    if name in _LAYOUT:
+      out = eqn.primitive.bind(invals[0].value, *[v.value for v in invals[1:]], **eqn.params)
+      return result(out)
+
+    if name in _ADDITIVE:
+      a, b = (self.lift(v, kind) for v in invals)
+      out = lax.add(*jnp.broadcast_arrays(a, b)) if np.shape(a) != np.shape(b) else lax.add(a, b)
+      param_inputs = any(v.kind == Kind.PARAM for v in invals)
+      role = "bias" if param_inputs else ("sum of activations" if all(
+          v.kind == Kind.ACT for v in invals) else "constant bias")
+      return result(out, role, "bias")
+
+    if name in _LINEAR:
+      index_slot = _INDEX_OPERANDS.get(name, slice(0, 0))
+      for idx in invals[index_slot]:
+        if idx.kind != Kind.CONST:
+          raise self.unsupported(eqn, "its indices (or selector) depend on the "
+                             + ("input" if idx.kind == Kind.ACT else "parameters"))
+      operands = []
+      for i, v in enumerate(invals):
+        is_index = i in range(len(invals))[index_slot]
+        operands.append(v.value if is_index else self.lift(v, kind))
+      out = eqn.primitive.bind(*operands, **eqn.params)
+      role = {"reduce_window_sum": "sum pooling", "concatenate": "concatenate",
+              "pad": None, "select_n": "select"}.get(name)
+      return result(out, role, "bias" if name in ("concatenate", "pad", "select_n") else None)
+
+    if name == "mul":
+      a, b = invals
+      if a.kind == Kind.ACT and b.kind == Kind.ACT:
+        raise self.unsupported(eqn, "both factors depend on the input")
+      out = lax.mul(*(self.lift(v, kind) for v in invals)) if np.shape(a.value) == np.shape(
+          b.value) else jnp.multiply(*(self.lift(v, kind) for v in invals))
+      return result(out, "scale", "weight")
+
+    if name == "div":
+      a, b = invals
+      if b.kind != Kind.CONST:
+        raise self.unsupported(eqn, "the divisor depends on the "
+                           + ("input" if b.kind == Kind.ACT else "parameters"))
+      inv = 1.0 / self.power(b.value)
+      out = a.value * inv
+      return result(out, "scale by constant")
+
+    if name in ("dot_general", "conv_general_dilated"):
+      a, b = invals
+      if a.kind == Kind.ACT and b.kind == Kind.ACT:
+        raise self.unsupported(eqn, "both operands depend on the input")
+      params = dict(eqn.params, preferred_element_type=None)
+      out = eqn.primitive.bind(self.lift(a, kind), self.lift(b, kind), **params)
+      return result(out, "dense" if name == "dot_general" else "conv", "weight")
+
+    if name == "integer_pow" or name == "square":
+      (a,) = invals
+      y = eqn.params.get("y", 2)
+      if kind == Kind.ACT or y < 1:
+        raise self.unsupported(eqn, "it raises an activation to a power" if kind == Kind.ACT
+                           else "a negative power of a weight is not a path weight")
+      return result(a.value ** y)
+
+    if name == "abs" and kind == Kind.PARAM:
+      return result(invals[0].value)
+
+    if name == "max":
+      return self._relu(eqn, invals, result)
+
+    if name in _COMPARISONS:
+      return self._sign_test(eqn, invals)
+
+    if name in ("reduce_max", "reduce_window_max", "argmax") and kind == Kind.ACT:
+      if name == "argmax":
+        raise self.unsupported(eqn, "the output of argmax is not linear in the activations")
+      target = lax.reduce_sum_p if name == "reduce_max" else lax.reduce_window_sum_p
+      out = target.bind(invals[0].value, **eqn.params)
+      return result(out, "max pooling (sum over window)")
+
+    detail = ("it acts on activations" if kind == Kind.ACT
+              else "it derives a weight non-monomially from parameters")
+    raise self.unsupported(eqn, detail)
+
+  def _relu(self, eqn, invals, result):
+    a, b = invals
+    act, other = (a, b) if a.kind >= b.kind else (b, a)
+    if act.kind == Kind.ACT and other.kind == Kind.CONST:
+      c = _concrete(other.value)
+      if c is None:
+        raise self.unsupported(eqn, "its threshold is not a compile-time constant, so it cannot be "
+                           "checked to be a ReLU (max(x, 0))")
+      if np.all(c == 0):
+        return result(act.value, "relu (identity)")
+      raise self.unsupported(eqn, "max(x, c) with c != 0 is not positively homogeneous")
+    raise self.unsupported(eqn, "a maximum of activations or parameters (maxout) is not a path "
+                       "network operation; only max(x, 0) (ReLU) is")
+
+  def _sign_test(self, eqn, invals):
+    """Comparisons of an activation with 0: true activations are positive in the path network.
+
+    Leaky ReLU and `jnp.where(x > 0, x, 0)` branch on the sign of an activation; path values
+    are sums of positive products, so the branch taken is the one for positive inputs.
+    """
+    a, b = invals
+    name = eqn.primitive.name
+    if b.kind == Kind.ACT and a.kind == Kind.CONST:
+      a, b, name = b, a, _MIRRORED[name]
+    c = _concrete(b.value) if b.kind == Kind.CONST else None
+    if a.kind != Kind.ACT or c is None or not np.all(c == 0):
+      raise self.unsupported(eqn, "the path network can only compare an activation with the "
+                             "constant 0 (as ReLU and leaky ReLU do)")
+    shape = eqn.outvars[0].aval.shape
+    return [_Val(Kind.CONST, np.full(shape, _COMPARISONS[name]))]
+
+  def _cond(self, eqn, invals):
+    index = invals[0]
+    c = _concrete(index.value) if index.kind == Kind.CONST else None
+    if c is None:
+      raise self.unsupported(eqn, "the branch taken depends on the input or the parameters, or is "
+                         "not known at compile time")
+    branch = eqn.params["branches"][int(c)]
+    return self.run(branch.jaxpr, [_Val(Kind.CONST, k) for k in branch.consts], invals[1:])
+
+  def _scan(self, eqn, invals):
+    """A scan (an RNN over time, a stack of layers) with powered values in the carry.
+
+    A carry's kind can grow along the loop (a zero initial state becomes an activation after
+    one step), so kinds are iterated to a fixed point before the real loop runs.
+    """
+    params = eqn.params
+    body = params["jaxpr"]
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    consts = invals[:n_consts]
+    init = invals[n_consts:n_consts + n_carry]
+    xs = invals[n_consts + n_carry:]
+    body_consts = [_Val(Kind.CONST, c) for c in body.consts]
+    leaves = frozenset().union(*(v.leaves for v in invals))
+    carry_kinds = [v.kind for v in init]
+    record = self.record
+
+    def step(carry_kinds, y_kinds_out, carry, x):
+      carry_vals = [_Val(k, c, leaves if k == Kind.PARAM else frozenset())
+                    for k, c in zip(carry_kinds, carry)]
+      x_vals = [_Val(v.kind, xi, v.leaves) for v, xi in zip(xs, x)]
+      outs = self.run(body.jaxpr, body_consts, list(consts) + carry_vals + x_vals)
+      y_kinds_out[:] = [o.kind for o in outs[n_carry:]]
+      new_carry = [self.lift(o, k) for o, k in zip(outs[:n_carry], carry_kinds)]
+      out_kinds = [o.kind for o in outs[:n_carry]]
+      return new_carry, [o.value for o in outs[n_carry:]], out_kinds
+
+    def lifted_init(kinds):
+      return [self.lift(v, k) for v, k in zip(init, kinds)]
+
+    self.record = False
+    try:
+      for _ in range(len(Kind) * max(n_carry, 1) + 1):
+        found: list[list[Kind]] = []
+
+        def probe(carry, x, kinds=tuple(carry_kinds)):
+          new_carry, _, out_kinds = step(kinds, [], carry, x)
+          found.append(out_kinds)
+          return new_carry
+
+        x0 = [jax.ShapeDtypeStruct(np.shape(v.value)[1:], jnp.result_type(v.value)) for v in xs]
+        jax.eval_shape(probe, lifted_init(carry_kinds), x0)
+        grown = [max(k, o) for k, o in zip(carry_kinds, found[-1])]
+        if grown == carry_kinds:
+          break
+        carry_kinds = grown
+    finally:
+      self.record = record
+
+    y_kinds: list[Kind] = []
+
+    def scan_body(carry, x):
+      new_carry, ys, _ = step(carry_kinds, y_kinds, carry, x)
+      return new_carry, ys
+
+    if self.record:
+      self.operations.append(Operation("scan", f"loop over {params['length']} steps (begin)",
+                                       (), (), self.where(eqn)))
+    final, ys = lax.scan(scan_body, lifted_init(carry_kinds), [v.value for v in xs],
+                         length=params["length"], reverse=params["reverse"],
+                         unroll=params["unroll"])
+    if self.record:
+      self.operations.append(Operation("scan", "loop (end)", (), (), self.where(eqn)))
+    carry_out = [_Val(k, c, leaves if k == Kind.PARAM else frozenset())
+                 for k, c in zip(carry_kinds, final)]
+    ys_out = [_Val(k, y, leaves if k == Kind.PARAM else frozenset())
+              for k, y in zip(y_kinds, ys)]
+    return carry_out + ys_out
+
+
+def _leaf_name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+
+
+@dataclasses.dataclass
+class PathNetwork:
+  """A traced network, ready to evaluate its path sum at powered weights.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> outputs``.
+    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``); only structure, shapes
+      and dtypes are used for tracing.
+    example_input: a batch (array, ``ShapeDtypeStruct`` or pytree of them) with the real input
+      shape; the path network runs on one all-ones example with the leading axis set to 1.
+    p: exponent of the path norm.
+    mask: boolean tree like ``params`` (or a callable returning it): ``False`` leaves are not
+      path weights and act as fixed constants.
+  """
+
+  apply_fn: Callable[..., Any]
+  params: Any
+  example_input: Any
+  p: float
+  mask: Any = None
+
+  def __post_init__(self):
+    _check_no_masked_nodes(self.params)
+    leaves_with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(self.params)
+    self.leaf_names = [_leaf_name(path) for path, _ in leaves_with_paths]
+    leaves = [leaf for _, leaf in leaves_with_paths]
+    for name, leaf in zip(self.leaf_names, leaves):
+      dtype = jnp.result_type(leaf)
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise PathNetworkError(
+            f"Parameter leaf '{name}' has dtype {dtype}; path scales are defined for real "
+            "floating-point weights only. Exclude it with `mask=` or keep it out of the "
+            "optimised tree.")
+    self.included = _resolve_mask(self.mask, self.params, self.treedef)
+    self.dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+    abstract_params = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
+    self.input_struct = jax.tree.map(_single_example, self.example_input)
+    self.closed_jaxpr = _trace(self.apply_fn, self.treedef, abstract_params,
+                               self.input_struct, self.leaf_names)
+
+  def path_sum(self, powered: Sequence[jax.Array], constants: Sequence[Any],
+               interpreter: PathInterpreter | None = None) -> jax.Array:
+    """g(v) = Σ_outputs N(v, 1) for powered weights ``v`` of the included leaves.
+
+    Args:
+      powered: ``|θ|^p`` for each included leaf (in the compute dtype), in leaf order.
+      constants: the real values of the excluded leaves, in leaf order.
+      interpreter: an interpreter to record with; a fresh one by default.
+    """
+    interp = interpreter or PathInterpreter(self.p, self.dtype, self.leaf_names)
+    powered_iter, constant_iter = iter(powered), iter(constants)
+    args = []
+    for i, inc in enumerate(self.included):
+      if inc:
+        args.append(_Val(Kind.PARAM, next(powered_iter), frozenset({i})))
+      else:
+        args.append(_Val(Kind.CONST, next(constant_iter)))
+    for struct in jax.tree.leaves(self.input_struct):
+      args.append(_Val(Kind.ACT, jnp.ones(struct.shape, self.dtype)))
+    jaxpr = self.closed_jaxpr
+    outs = interp.run(jaxpr.jaxpr, [_Val(Kind.CONST, c) for c in jaxpr.consts], args)
+    total = jnp.zeros((), self.dtype)
+    for out in outs:
+      if jnp.issubdtype(jnp.result_type(out.value), jnp.inexact) or out.kind != Kind.CONST:
+        total = total + jnp.sum(interp.lift(out, Kind.ACT))
+    return total
+
+
+def _single_example(x):
+  shape = np.shape(x)
+  if not shape:
+    raise PathNetworkError(
+        "example_input must be a batch with a leading batch axis (got a scalar). Pass e.g. "
+        "x_train[:1] or jnp.zeros((1, *input_shape)).")
+  return jax.ShapeDtypeStruct((1, *shape[1:]), jnp.result_type(x))
+
+
+def _trace(apply_fn, treedef, abstract_params, input_struct, leaf_names):
+  params = jax.tree_util.tree_unflatten(treedef, abstract_params)
+  try:
+    return jax.make_jaxpr(apply_fn)(params, input_struct)
+  except PathNetworkError:
+    raise
+  except Exception as error:  # the user's code failed: say where it was called from
+    shapes = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in zip(leaf_names,
+                                                                          abstract_params))
+    raise PathNetworkError(
+        f"apply_fn(params, x) failed when traced with the optimizer's params and a single "
+        f"example of shape {jax.tree.map(lambda s: tuple(s.shape), input_struct)}: "
+        f"{type(error).__name__}: {error}\nParams seen: {shapes}.\nCheck that apply_fn takes "
+        "exactly the tree the optimizer is given (for Flax, use pathsgd_jax.linen.apply_fn / "
+        "pathsgd_jax.nnx.apply_fn) and that example_input has the real input shape with a "
+        "leading batch axis.") from error
+
+
+def _check_no_masked_nodes(params):
+  import optax  # local: optax is a dependency, but keep this module importable standalone
+
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  if any(isinstance(leaf, optax.MaskedNode) for leaf in leaves):
+    raise PathNetworkError(
+        "The params contain optax.MaskedNode leaves: this Path-SGD transformation is running "
+        "inside optax.masked or optax.partition, which hides part of the network from it. "
+        "Path scales depend on every weight of the network (each κ is a sum over whole paths), "
+        "so Path-SGD must see the full parameter tree. Put scale_by_path_norm/path_sgd outside "
+        "the mask and use its own `mask=` argument to exclude leaves that are not path weights.")
+
+
+def _resolve_mask(mask, params, treedef) -> list[bool]:
+  if mask is None:
+    return [True] * treedef.num_leaves
+  tree = mask(params) if callable(mask) else mask
+  try:
+    flags = treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as error:
+    raise PathNetworkError(
+        f"mask must be a tree of booleans with the structure of params ({treedef}); "
+        f"got {jax.tree.structure(tree)}.") from error
+  return [bool(f) for f in flags]
+
+
+def power_leaf(x, p: float, dtype) -> jax.Array:
+  """|x|^p in ``dtype`` (float32 or float64 even for half-precision params)."""
+  x = jnp.abs(x.astype(dtype))
+  if p == 1:
+    return x
+  if p == 2:
+    return x * x
+  return x ** p
+
+
+def check_p(p) -> float:
+  """Validates the path-norm exponent."""
+  if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+    raise ValueError(f"p must be a real number >= 1, got {p!r} of type {type(p).__name__}.")
+  if not math.isfinite(p) or p < 1:
+    raise ValueError(f"p must be a finite real number >= 1 (path norms are defined for "
+                     f"p >= 1; the paper uses p = 2), got {p}.")
+  return float(p)

@@ -1,0 +1,204 @@
+"""Path-SGD as Optax gradient transformations."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from pathsgd_jax._pathnet import PathNetwork, check_p
+from pathsgd_jax._scales import ApplyFn, _gradient_of_path_sum, _kappa_tree
+
+_NO_PARAMS = (
+    "scale_by_path_norm needs the current parameters: the path scales κ are recomputed from "
+    "them at every step. Call `tx.update(grads, opt_state, params)`. You are using a "
+    "transformation that requires the current value of parameters, but you are not passing "
+    "`params` when calling `update`.")
+
+
+class ScaleByPathNormState(NamedTuple):
+  """State of :func:`scale_by_path_norm`.
+
+  Attributes:
+    count: number of updates made so far (int32 scalar).
+    kappa: the path scales of the last refresh, as a tuple of the leaves of the κ tree in
+      the params' flattening order (float32, or float64 with x64), kept only when
+      ``refresh_every > 1``; ``None`` otherwise, so the paper's every-step rule costs no
+      memory. Flat, because some callers (``nnx.Optimizer``) give ``init`` a tree of
+      variables and ``update`` a tree of arrays with the same leaves.
+  """
+
+  count: chex.Array
+  kappa: Any
+
+
+def _safe_divide(update, kappa):
+  """update / κ, with 0 where κ == 0.
+
+  κ_e = 0 exactly when no path with non-zero weights passes through edge e (a dead unit);
+  the loss gradient on such an edge is 0 too. Any κ > 0, however small, is divided by as is, so
+  the guard never touches ordinary values and the update stays rescaling invariant.
+  """
+  positive = kappa > 0
+  scaled = update.astype(kappa.dtype) / jnp.where(positive, kappa, 1)
+  return jnp.where(positive, scaled, 0).astype(update.dtype)
+
+
+def _check_refresh(refresh_every) -> int:
+  if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+    raise ValueError(f"refresh_every must be a positive integer (1 = recompute κ at every "
+                     f"step, as in the paper), got {refresh_every!r}.")
+  return refresh_every
+
+
+def scale_by_path_norm(
+    apply_fn: ApplyFn,
+    example_input: Any,
+    *,
+    p: float = 2.0,
+    mask: Any = None,
+    refresh_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Divides each update by its path scale κ, computed from the current parameters.
+
+  .. math::
+     u_e \leftarrow \frac{u_e}{κ_e(w)}, \qquad
+     κ_e(w) = \Big(\sum_{\text{paths } π \ni e}\ \prod_{e' \in π,\, e' \neq e} |w_{e'}|^p\Big)^{2/p},
+
+  the diagonal of the path-regularizer's quadratic approximation (see :func:`path_scales`).
+  Followed by a learning rate this is Path-SGD; with momentum after it, the momentum acts on
+  the path-normalised direction, which keeps trajectories invariant under rescalings of hidden
+  units. Edges with ``κ = 0`` (no live path) get a zero update.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> outputs``; ``params`` is exactly the tree this
+      transformation receives.
+    example_input: a batch with the real input shape; only its shape and dtype are used.
+    p: exponent of the path regularizer, ``p >= 1``.
+    mask: optional boolean tree like the params (or a callable returning one); ``False``
+      leaves are not path weights and their updates pass through unscaled.
+    refresh_every: recompute κ every this many steps and reuse the cached κ in between
+      (1, the paper's rule, stores nothing).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires ``params``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, pathsgd_jax as psgd
+    >>> mlp = lambda prm, x: jnp.maximum(x @ prm["w1"], 0.0) @ prm["w2"]
+    >>> params = {"w1": jnp.array([[1.0, 2.0]]), "w2": jnp.array([[3.0], [4.0]])}
+    >>> tx = optax.chain(psgd.scale_by_path_norm(mlp, jnp.zeros((1, 1))), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["w1"]  # -0.1 * 1 / κ(w1) = -0.1 / [9, 16]
+    Array([[-0.01111111, -0.00625   ]], dtype=float32)
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep Neural
+    Networks <https://arxiv.org/abs/1506.02617>`_, NIPS 2015.
+  """
+  p = check_p(p)
+  refresh_every = _check_refresh(refresh_every)
+  if not callable(apply_fn):
+    raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
+
+  def kappa_of(params) -> tuple:
+    net = PathNetwork(apply_fn, params, example_input, p, mask)
+    _, grads, leaves = _gradient_of_path_sum(net, params)
+    return tuple(net.treedef.flatten_up_to(_kappa_tree(net, grads, leaves)))
+
+  def init_fn(params):
+    count = jnp.zeros([], jnp.int32)
+    if refresh_every == 1:
+      return ScaleByPathNormState(count=count, kappa=None)
+    return ScaleByPathNormState(count=count, kappa=kappa_of(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(_NO_PARAMS)
+    if refresh_every == 1:
+      kappa = kappa_of(params)
+      cached = None
+    else:
+      kappa = jax.lax.cond(state.count % refresh_every == 0, kappa_of, lambda _: state.kappa,
+                           params)
+      cached = kappa
+    treedef = jax.tree.structure(updates)
+    updates = treedef.unflatten(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
+    count = optax.safe_int32_increment(state.count)
+    return updates, ScaleByPathNormState(count=count, kappa=cached)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def path_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    apply_fn: ApplyFn,
+    example_input: Any,
+    *,
+    p: float = 2.0,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    mask: Any = None,
+    refresh_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Path-SGD: stochastic gradient descent preconditioned by the path scales.
+
+  .. math::
+     w_e \leftarrow w_e - η\, \frac{∂L/∂w_e}{κ_e(w)},
+
+  with κ recomputed from the current weights at every step (:func:`scale_by_path_norm`). The
+  update is invariant under the rescalings of hidden units that leave a ReLU network's
+  function unchanged: two rescaled-equivalent networks follow equivalent trajectories, while
+  plain SGD's steps differ by the square of the rescaling factor.
+
+  Args:
+    learning_rate: a scalar or an :data:`optax.Schedule`.
+    apply_fn: ``apply_fn(params, x) -> outputs``.
+    example_input: a batch with the real input shape (only shape and dtype are used).
+    p: exponent of the path regularizer, ``p >= 1`` (the paper uses 2).
+    momentum: optional heavy-ball momentum applied to the path-normalised direction.
+    nesterov: use Nesterov momentum.
+    mask: leaves that are not path weights (their gradient passes through unscaled).
+    refresh_every: recompute κ every this many steps (1 = the paper's rule).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; ``update`` requires ``params``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, pathsgd_jax as psgd
+    >>> mlp = lambda prm, x: jnp.maximum(x @ prm["w1"], 0.0) @ prm["w2"]
+    >>> params = {"w1": jnp.array([[1.0, 2.0]]), "w2": jnp.array([[3.0], [4.0]])}
+    >>> x, y = jnp.ones((4, 1)), jnp.zeros((4, 1))
+    >>> loss = lambda prm: jnp.mean((mlp(prm, x) - y) ** 2)
+    >>> tx = psgd.path_sgd(0.01, mlp, x, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 121.0)
+    True
+
+  References:
+    Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep Neural
+    Networks <https://arxiv.org/abs/1506.02617>`_, NIPS 2015.
+  """
+  if momentum is not None and (not isinstance(momentum, (int, float)) or isinstance(
+      momentum, bool) or not 0 <= momentum < 1 or momentum != momentum):
+    raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}.")
+  if not callable(learning_rate):
+    if not isinstance(learning_rate, (int, float)) and not hasattr(learning_rate, "dtype"):
+      raise ValueError(f"learning_rate must be a number or an optax schedule, "
+                       f"got {learning_rate!r}.")
+    if isinstance(learning_rate, (int, float)) and not (0 < learning_rate < float("inf")):
+      raise ValueError(f"learning_rate must be positive and finite, got {learning_rate}.")
+  return optax.chain(
+      scale_by_path_norm(apply_fn, example_input, p=p, mask=mask, refresh_every=refresh_every),
+      optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
+      optax.scale_by_learning_rate(learning_rate),
+  )
