@@ -259,7 +259,9 @@ class PathInterpreter:
     return self._rule(eqn, invals)
 
   def _constant(self, eqn, invals):
-    subfuns, params = eqn.primitive.get_bind_params(eqn.params)
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    # Older JAX returns (subfuns, params); newer returns params only.
+    subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
     with jax.ensure_compile_time_eval():
       out = eqn.primitive.bind(*subfuns, *[v.value for v in invals], **params)
     outs = out if eqn.primitive.multiple_results else [out]
@@ -471,7 +473,10 @@ class PathInterpreter:
 
 
 def _leaf_name(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+  # NNX variables flatten to a trailing `.value`; it names no part of the model.
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
 
 
 @dataclasses.dataclass
