@@ -76,7 +76,7 @@ class Operation(NamedTuple):
 _LAYOUT = frozenset({
     "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "rev", "slice",
     "copy", "copy_p", "sharding_constraint", "mesh_cast", "reshard", "device_put",
-    "optimization_barrier",
+    "optimization_barrier", "split",
 })
 _LINEAR = frozenset({
     "concatenate", "pad", "reduce_sum", "reduce_window_sum", "cumsum", "select_n",
@@ -276,7 +276,8 @@ class PathInterpreter:
     def result(value, role=None, param_role=None):
       if kind == Kind.ACT and role is not None:
         self._note(eqn, role, value, invals, param_role)
-      return [_Val(kind, value, leaves if kind == Kind.PARAM else frozenset())]
+      values = value if eqn.primitive.multiple_results else [value]
+      return [_Val(kind, v, leaves if kind == Kind.PARAM else frozenset()) for v in values]
 
     if name in _IDENTITY:
       (val,) = invals
@@ -330,7 +331,9 @@ class PathInterpreter:
       a, b = invals
       if a.kind == Kind.ACT and b.kind == Kind.ACT:
         raise self.unsupported(eqn, "both operands depend on the input")
-      params = dict(eqn.params, preferred_element_type=None)
+      # Full precision: κ feeds a division, and TPUs otherwise multiply f32 in bfloat16.
+      params = dict(eqn.params, preferred_element_type=None,
+                    precision=(lax.Precision.HIGHEST, lax.Precision.HIGHEST))
       out = eqn.primitive.bind(self.lift(a, kind), self.lift(b, kind), **params)
       return result(out, "dense" if name == "dot_general" else "conv", "weight")
 
