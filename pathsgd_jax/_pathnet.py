@@ -194,12 +194,7 @@ class PathInterpreter:
   # ----------------------------------------------------------------------------- helpers
   def power(self, c) -> jax.Array:
     """|c|^p for a constant, in the compute dtype."""
-    c = jnp.abs(jnp.asarray(c).astype(self.dtype))
-    if self.p == 1:
-      return c
-    if self.p == 2:
-      return c * c
-    return c ** self.p
+    return power(jnp.abs(jnp.asarray(c).astype(self.dtype)), self.p)
 
   def lift(self, val: _Val, kind: Kind) -> jax.Array:
     if val.kind == Kind.CONST and kind != Kind.CONST:
@@ -603,18 +598,35 @@ def _resolve_mask(mask, params, treedef) -> list[bool]:
   return [bool(f) for f in flags]
 
 
-def power_leaf(x, p: float, dtype) -> jax.Array:
-  """|x|^p in ``dtype`` (float32 or float64 even for half-precision params)."""
-  x = jnp.abs(x.astype(dtype))
-  if p == 1:
+def power(x, p) -> jax.Array:
+  """x ** p for x >= 0, exact and cheap for the common static exponents 1 and 2.
+
+  ``p`` is a float, or a traced scalar when the transformation is rebuilt inside
+  ``optax.inject_hyperparams``.
+  """
+  if isinstance(p, float) and p == 1:
     return x
-  if p == 2:
+  if isinstance(p, float) and p == 2:
     return x * x
   return x ** p
 
 
-def check_p(p) -> float:
-  """Validates the path-norm exponent."""
+def power_leaf(x, p, dtype) -> jax.Array:
+  """|x|^p in ``dtype`` (float32 or float64 even for half-precision params)."""
+  return power(jnp.abs(x.astype(dtype)), p)
+
+
+def check_p(p):
+  """Validates the path-norm exponent; returns it as a float.
+
+  A traced scalar (``optax.inject_hyperparams`` rebuilding the transformation under ``jit``)
+  cannot be checked and is returned as is; it was checked when the state was initialised.
+  """
+  if isinstance(p, (jax.Array, np.ndarray)) and np.shape(p) == ():
+    concrete = _concrete(p)
+    if concrete is None:
+      return p
+    p = concrete.item()
   if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
     raise ValueError(f"p must be a real number >= 1, got {p!r} of type {type(p).__name__}.")
   if not math.isfinite(p) or p < 1:

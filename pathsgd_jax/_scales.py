@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pathsgd_jax._pathnet import PathInterpreter, PathNetwork, check_p, power_leaf
+from pathsgd_jax._pathnet import PathNetwork, check_p, power, power_leaf
 
 ApplyFn = Callable[[Any, Any], Any]
 
@@ -34,7 +34,7 @@ def _kappa_tree(net: PathNetwork, grads, leaves):
     if inc:
       g = next(grad_iter)
       # (∂g/∂v)^(2/p); for p = 2, the paper's setting, the power is the identity.
-      kappas.append(g if net.p == 2 else g ** (2.0 / net.p))
+      kappas.append(power(g, 2.0 / net.p))
     else:
       kappas.append(jnp.ones(jnp.shape(x), net.dtype))
   return jax.tree_util.tree_unflatten(net.treedef, kappas)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from pathsgd_jax._pathnet import PathNetwork, check_p
@@ -47,7 +50,28 @@ def _safe_divide(update, kappa):
   return jnp.where(positive, scaled, 0).astype(update.dtype)
 
 
-def _check_refresh(refresh_every) -> int:
+def _check_number(name, value, *, low, high=float("inf"), low_open=False, high_open=False):
+  """Validates a hyperparameter that is a Python or concrete number (arrays from
+  ``optax.inject_hyperparams`` are checked when concrete, passed through when traced)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number, jax.Array)):
+    raise ValueError(f"{name} must be a number, got {value!r} of type {type(value).__name__}.")
+  try:
+    number = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  too_low = number <= low if low_open else number < low
+  too_high = number >= high if high_open else number > high
+  if not math.isfinite(number) or too_low or too_high:
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
+
+
+def _check_refresh(refresh_every):
+  if isinstance(refresh_every, jax.Array) and np.shape(refresh_every) == ():
+    try:
+      refresh_every = int(refresh_every)
+    except jax.errors.ConcretizationTypeError:  # rebuilt by inject_hyperparams under jit
+      return refresh_every
   if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
     raise ValueError(f"refresh_every must be a positive integer (1 = recompute κ at every "
                      f"step, as in the paper), got {refresh_every!r}.")
@@ -121,7 +145,7 @@ def scale_by_path_norm(
     del extra_args
     if params is None:
       raise ValueError(_NO_PARAMS)
-    if refresh_every == 1:
+    if state.kappa is None:  # refresh_every == 1, decided when the state was made
       kappa = kappa_of(params)
       cached = None
     else:
@@ -188,17 +212,13 @@ def path_sgd(
     Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep Neural
     Networks <https://arxiv.org/abs/1506.02617>`_, NIPS 2015.
   """
-  if momentum is not None and (not isinstance(momentum, (int, float)) or isinstance(
-      momentum, bool) or not 0 <= momentum < 1 or momentum != momentum):
-    raise ValueError(f"momentum must be None or a number in [0, 1), got {momentum!r}.")
+  if momentum is not None:
+    _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
   if not callable(learning_rate):
-    if not isinstance(learning_rate, (int, float)) and not hasattr(learning_rate, "dtype"):
-      raise ValueError(f"learning_rate must be a number or an optax schedule, "
-                       f"got {learning_rate!r}.")
-    if isinstance(learning_rate, (int, float)) and not (0 < learning_rate < float("inf")):
-      raise ValueError(f"learning_rate must be positive and finite, got {learning_rate}.")
+    _check_number("learning_rate", learning_rate, low=0.0, low_open=True)
   return optax.chain(
       scale_by_path_norm(apply_fn, example_input, p=p, mask=mask, refresh_every=refresh_every),
-      optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
+      optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
+      else optax.identity(),
       optax.scale_by_learning_rate(learning_rate),
   )
