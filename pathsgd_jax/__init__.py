@@ -4,11 +4,12 @@ Neyshabur, Salakhutdinov & Srebro, *Path-SGD: Path-Normalized Optimization in De
 Networks*, NIPS 2015.
 """
 
-from pathsgd_jax import linen, nnx
+from pathsgd_jax import data, init, linen, nnx
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._pathnet import Operation
 from pathsgd_jax._report import LeafReport, PathStructure, path_structure
 from pathsgd_jax._scales import path_norm, path_scales
+from pathsgd_jax.init import balanced_init, unbalanced_init
 from pathsgd_jax._transform import ScaleByPathNormState, path_sgd, scale_by_path_norm
 
 __version__ = "0.1.0"
@@ -20,6 +21,9 @@ __all__ = (
     "PathStructure",
     "ScaleByPathNormState",
     "UnsupportedOperationError",
+    "balanced_init",
+    "data",
+    "init",
     "linen",
     "nnx",
     "path_norm",
@@ -27,4 +31,5 @@ __all__ = (
     "path_sgd",
     "path_structure",
     "scale_by_path_norm",
+    "unbalanced_init",
 )
