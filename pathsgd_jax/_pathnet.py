@@ -50,6 +50,7 @@ class _Val:
   kind: Kind
   value: Any
   leaves: frozenset[int] = frozenset()  # parameter leaves a PARAM value was derived from
+  log_scale: Any = 0.0  # an ACT value stands for value * exp(log_scale)
 
 
 class Operation(NamedTuple):
@@ -161,6 +162,59 @@ def _subjaxpr(eqn) -> tuple[jex_core.Jaxpr, Sequence[Any]]:
   raise self.unsupported(eqn, "it calls a sub-computation this interpreter cannot open")
 
 
+def _float_layout(dtype):
+  finfo = jnp.finfo(dtype)
+  bias = int(finfo.maxexp) - 1
+  return int(finfo.nmant), bias, (jnp.int64 if finfo.bits == 64 else jnp.int32)
+
+
+def binary_exponent(x) -> jax.Array:
+  """floor(log2(x)) of a positive finite scalar, read off its bits; 0 for 0, inf or NaN."""
+  nmant, bias, int_dtype = _float_layout(x.dtype)
+  field = (lax.bitcast_convert_type(x, int_dtype) >> nmant) & (2 * bias + 1)
+  exponent = jnp.maximum(field - bias, 1 - bias).astype(x.dtype)
+  return jnp.where((x > 0) & jnp.isfinite(x), exponent, jnp.zeros((), x.dtype))
+
+
+def _pow2(exponent, dtype) -> jax.Array:
+  """2^e, exactly, for an integer-valued e clipped to the normal range of ``dtype``."""
+  nmant, bias, int_dtype = _float_layout(dtype)
+  e = jnp.clip(exponent, 1 - bias, bias).astype(int_dtype)
+  return lax.bitcast_convert_type((e + bias) << nmant, dtype)
+
+
+def times_pow2(value, exponent) -> jax.Array:
+  """value · 2^exponent for integer-valued exponents (broadcast), exact unless it underflows.
+
+  Applied in two factors so exponents down to twice the normal range stay exact; anything
+  smaller underflows to zero for values below 2, as it should.
+  """
+  dtype = jnp.result_type(value)
+  exponent = jnp.asarray(exponent, dtype)
+  _, bias, _ = _float_layout(dtype)
+  first = jnp.clip(exponent, 1 - bias, bias)
+  return value * _pow2(first, dtype) * _pow2(exponent - first, dtype)
+
+
+@jax.custom_vjp
+def _shifted(value, forward_shift, backward_shift):
+  """value · 2^forward_shift, whose gradient is multiplied by 2^backward_shift instead."""
+  return times_pow2(value, forward_shift)
+
+
+def _shifted_fwd(value, forward_shift, backward_shift):
+  return times_pow2(value, forward_shift), (forward_shift, backward_shift)
+
+
+def _shifted_bwd(residuals, cotangent):
+  forward_shift, backward_shift = residuals
+  return (times_pow2(cotangent, backward_shift), jnp.zeros_like(forward_shift),
+          jnp.zeros_like(backward_shift))
+
+
+_shifted.defvjp(_shifted_fwd, _shifted_bwd)
+
+
 class PathInterpreter:
   """Evaluates a jaxpr as the path network. One instance per evaluation.
 
@@ -179,6 +233,12 @@ class PathInterpreter:
     self.operations: list[Operation] = []
     self.leaf_roles: dict[int, set[str]] = {}
     self.callers: list[Any] = []  # enclosing call equations, for error messages
+    # Gradient exponents (see `operand`): leaves whose gradient is returned as
+    # true_gradient · 2^(-exponent), the exponent of each, and the leaves not eligible.
+    self.shiftable: frozenset[int] = frozenset()
+    self.gradient_exponents: dict[int, jax.Array] = {}
+    self.unshiftable: set[int] = set()
+    self.loop_depth = 0
 
   def where(self, eqn) -> str:
     return _where(eqn, self.callers)
@@ -200,6 +260,53 @@ class PathInterpreter:
     if val.kind == Kind.CONST and kind != Kind.CONST:
       return self.power(val.value)
     return val.value
+
+  def normalise(self, value, log_scale):
+    """Divides by the power of two nearest below the largest entry; adds it to the scale.
+
+    Path sums grow or shrink geometrically with depth; kept as value·2^log_scale with
+    value < 2 they never overflow or underflow on the way, and powers of two keep every
+    rescaling exact. The factor is a constant for autodiff: it cancels between the value and
+    the log-scale.
+    """
+    if not np.size(value):
+      return value, log_scale
+    exponent = lax.stop_gradient(binary_exponent(jnp.max(value)))
+    return times_pow2(value, -exponent), log_scale + exponent
+
+  def align(self, vals: Sequence[_Val], kind: Kind):
+    """Brings the operands of a sum-like operation to one common base-2 log-scale ``m``.
+
+    Returns the operands' values as multiples of 2^m, and m. Constants and parameters are
+    normalised first, so no operand is multiplied by more than 1.
+    """
+    if kind != Kind.ACT:
+      return [self.lift(v, kind) for v in vals], 0.0
+    pairs = [(v.value, v.log_scale) if v.kind == Kind.ACT
+             else self.normalise(self.lift(v, kind), 0.0) for v in vals]
+    common = pairs[0][1]
+    for _, log_scale in pairs[1:]:
+      common = jnp.maximum(common, log_scale)
+    return [times_pow2(value, log_scale - common) if val.kind != Kind.PARAM
+            else self.operand(val, -common) for val, (value, log_scale) in zip(vals, pairs)], common
+
+  def operand(self, val: _Val, shift) -> jax.Array:
+    """A parameter value entering an operation on activations, times 2^shift.
+
+    A bias added deep in a network meets activations of scale 2^m and enters as b·2^(-m):
+    its true gradient is tiny (its paths carry a tiny share of the path sum) and would
+    underflow although its κ = gradient·g is representable. So the gradient of such a leaf is
+    returned as true_gradient·2^(-E) with E the shift of its first use, recorded in
+    `gradient_exponents`. Leaves used inside loops or mixed with other leaves keep E = 0.
+    """
+    leaves = val.leaves
+    if self.loop_depth or len(leaves) != 1:
+      self.unshiftable.update(leaves)
+    (leaf,) = leaves if len(leaves) == 1 else (None,)
+    if leaf not in self.shiftable:
+      return times_pow2(val.value, shift)
+    reference = self.gradient_exponents.setdefault(leaf, jnp.asarray(shift, self.dtype))
+    return _shifted(val.value, jnp.asarray(shift, self.dtype), shift - reference)
 
   def _note(self, eqn, role: str, out, inputs: Sequence[_Val], param_role: str | None = None):
     leaves = frozenset().union(*(v.leaves for v in inputs if v.kind == Kind.PARAM))
@@ -268,11 +375,19 @@ class PathInterpreter:
     kind = max(v.kind for v in invals)
     leaves = frozenset().union(*(v.leaves for v in invals))
 
-    def result(value, role=None, param_role=None):
+    act = [v for v in invals if v.kind == Kind.ACT]
+    act_scale = act[0].log_scale if act else 0.0
+
+    def result(value, role=None, param_role=None, log_scale=act_scale, renormalise=False):
       if kind == Kind.ACT and role is not None:
         self._note(eqn, role, value, invals, param_role)
       values = value if eqn.primitive.multiple_results else [value]
-      return [_Val(kind, v, leaves if kind == Kind.PARAM else frozenset()) for v in values]
+      if kind != Kind.ACT:
+        return [_Val(kind, v, leaves if kind == Kind.PARAM else frozenset()) for v in values]
+      if renormalise:
+        normalised = [self.normalise(v, log_scale) for v in values]
+        return [_Val(kind, v, log_scale=ls) for v, ls in normalised]
+      return [_Val(kind, v, log_scale=log_scale) for v in values]
 
     if name in _IDENTITY:
       (val,) = invals
@@ -283,12 +398,12 @@ class PathInterpreter:
       return result(out)
 
     if name in _ADDITIVE:
-      a, b = (self.lift(v, kind) for v in invals)
+      (a, b), common = self.align(invals, kind)
       out = lax.add(*jnp.broadcast_arrays(a, b)) if np.shape(a) != np.shape(b) else lax.add(a, b)
       param_inputs = any(v.kind == Kind.PARAM for v in invals)
       role = "bias" if param_inputs else ("sum of activations" if all(
           v.kind == Kind.ACT for v in invals) else "constant bias")
-      return result(out, role, "bias")
+      return result(out, role, "bias", log_scale=common, renormalise=True)
 
     if name in _LINEAR:
       index_slot = _INDEX_OPERANDS.get(name, slice(0, 0))
@@ -296,22 +411,26 @@ class PathInterpreter:
         if idx.kind != Kind.CONST:
           raise self.unsupported(eqn, "its indices (or selector) depend on the "
                              + ("input" if idx.kind == Kind.ACT else "parameters"))
-      operands = []
-      for i, v in enumerate(invals):
-        is_index = i in range(len(invals))[index_slot]
-        operands.append(v.value if is_index else self.lift(v, kind))
+      index_positions = range(len(invals))[index_slot]
+      summed = [v for i, v in enumerate(invals) if i not in index_positions]
+      aligned, common = self.align(summed, kind)
+      aligned_iter = iter(aligned)
+      operands = [v.value if i in index_positions else next(aligned_iter)
+                  for i, v in enumerate(invals)]
       out = eqn.primitive.bind(*operands, **eqn.params)
       role = {"reduce_window_sum": "sum pooling", "concatenate": "concatenate",
               "pad": None, "select_n": "select"}.get(name)
-      return result(out, role, "bias" if name in ("concatenate", "pad", "select_n") else None)
+      return result(out, role, "bias" if name in ("concatenate", "pad", "select_n") else None,
+                    log_scale=common, renormalise=len(summed) > 1)
 
     if name == "mul":
       a, b = invals
       if a.kind == Kind.ACT and b.kind == Kind.ACT:
         raise self.unsupported(eqn, "both factors depend on the input")
-      out = lax.mul(*(self.lift(v, kind) for v in invals)) if np.shape(a.value) == np.shape(
-          b.value) else jnp.multiply(*(self.lift(v, kind) for v in invals))
-      return result(out, "scale", "weight")
+      x, y = (self.operand(v, 0.0) if v.kind == Kind.PARAM and kind == Kind.ACT
+              else self.lift(v, kind) for v in invals)
+      out = lax.mul(x, y) if np.shape(x) == np.shape(y) else jnp.multiply(x, y)
+      return result(out, "scale", "weight", renormalise=True)
 
     if name == "div":
       a, b = invals
@@ -320,7 +439,7 @@ class PathInterpreter:
                            + ("input" if b.kind == Kind.ACT else "parameters"))
       inv = 1.0 / self.power(b.value)
       out = a.value * inv
-      return result(out, "scale by constant")
+      return result(out, "scale by constant", renormalise=True)
 
     if name in ("dot_general", "conv_general_dilated"):
       a, b = invals
@@ -329,8 +448,11 @@ class PathInterpreter:
       # Full precision: κ feeds a division, and TPUs otherwise multiply f32 in bfloat16.
       params = dict(eqn.params, preferred_element_type=None,
                     precision=(lax.Precision.HIGHEST, lax.Precision.HIGHEST))
-      out = eqn.primitive.bind(self.lift(a, kind), self.lift(b, kind), **params)
-      return result(out, "dense" if name == "dot_general" else "conv", "weight")
+      x, y = (self.operand(v, 0.0) if v.kind == Kind.PARAM and kind == Kind.ACT
+              else self.lift(v, kind) for v in invals)
+      out = eqn.primitive.bind(x, y, **params)
+      return result(out, "dense" if name == "dot_general" else "conv", "weight",
+                    renormalise=True)
 
     if name == "integer_pow" or name == "square":
       (a,) = invals
@@ -352,8 +474,10 @@ class PathInterpreter:
     if name in ("reduce_max", "reduce_window_max", "argmax") and kind == Kind.ACT:
       if name == "argmax":
         raise self.unsupported(eqn, "the output of argmax is not linear in the activations")
-      target = lax.reduce_sum_p if name == "reduce_max" else lax.reduce_window_sum_p
-      out = target.bind(invals[0].value, **eqn.params)
+      if name == "reduce_max":
+        out = jnp.sum(invals[0].value, axis=tuple(eqn.params["axes"]))
+      else:
+        out = lax.reduce_window_sum_p.bind(invals[0].value, **eqn.params)
       return result(out, "max pooling (sum over window)")
 
     detail = ("it acts on activations" if kind == Kind.ACT
@@ -417,18 +541,36 @@ class PathInterpreter:
     carry_kinds = [v.kind for v in init]
     record = self.record
 
+    zero = jnp.zeros((), self.dtype)
+
+    def as_val(kind, value, log_scale):
+      if kind == Kind.ACT:
+        return _Val(kind, value, log_scale=log_scale)
+      return _Val(kind, value, leaves if kind == Kind.PARAM else frozenset())
+
+    def carried(val: _Val, kind: Kind):
+      """(value, log-scale) of a carry lifted to the loop's kind for it."""
+      if kind == Kind.ACT and val.kind == Kind.ACT:
+        return val.value, jnp.asarray(val.log_scale, self.dtype)
+      if kind == Kind.ACT and val.kind == Kind.PARAM:
+        self.unshiftable.update(val.leaves)
+      return self.lift(val, kind), zero
+
     def step(carry_kinds, y_kinds_out, carry, x):
-      carry_vals = [_Val(k, c, leaves if k == Kind.PARAM else frozenset())
-                    for k, c in zip(carry_kinds, carry)]
-      x_vals = [_Val(v.kind, xi, v.leaves) for v, xi in zip(xs, x)]
-      outs = self.run(body.jaxpr, body_consts, list(consts) + carry_vals + x_vals)
+      carry_vals = [as_val(k, c, ls) for k, (c, ls) in zip(carry_kinds, carry)]
+      x_vals = [_Val(v.kind, xi, v.leaves, v.log_scale) for v, xi in zip(xs, x)]
+      self.loop_depth += 1
+      try:
+        outs = self.run(body.jaxpr, body_consts, list(consts) + carry_vals + x_vals)
+      finally:
+        self.loop_depth -= 1
       y_kinds_out[:] = [o.kind for o in outs[n_carry:]]
-      new_carry = [self.lift(o, k) for o, k in zip(outs[:n_carry], carry_kinds)]
-      out_kinds = [o.kind for o in outs[:n_carry]]
-      return new_carry, [o.value for o in outs[n_carry:]], out_kinds
+      new_carry = [carried(o, k) for o, k in zip(outs[:n_carry], carry_kinds)]
+      ys = [(o.value, jnp.asarray(o.log_scale, self.dtype)) for o in outs[n_carry:]]
+      return new_carry, ys, [o.kind for o in outs[:n_carry]]
 
     def lifted_init(kinds):
-      return [self.lift(v, k) for v, k in zip(init, kinds)]
+      return [carried(v, k) for v, k in zip(init, kinds)]
 
     self.record = False
     try:
@@ -463,10 +605,16 @@ class PathInterpreter:
                          unroll=params["unroll"])
     if self.record:
       self.operations.append(Operation("scan", "loop (end)", (), (), self.where(eqn)))
-    carry_out = [_Val(k, c, leaves if k == Kind.PARAM else frozenset())
-                 for k, c in zip(carry_kinds, final)]
-    ys_out = [_Val(k, y, leaves if k == Kind.PARAM else frozenset())
-              for k, y in zip(y_kinds, ys)]
+    carry_out = [as_val(k, c, ls) for k, (c, ls) in zip(carry_kinds, final)]
+    ys_out = []
+    for kind, (y, step_scales) in zip(y_kinds, ys):
+      if kind != Kind.ACT:
+        ys_out.append(as_val(kind, y, 0.0))
+        continue
+      # Each step's output has its own scale; stacked, they share the largest one.
+      common = jnp.max(step_scales)
+      relative = (step_scales - common).reshape((-1,) + (1,) * (y.ndim - 1))
+      ys_out.append(as_val(kind, times_pow2(y, relative), common))
     return carry_out + ys_out
 
 
@@ -516,10 +664,17 @@ class PathNetwork:
     self.input_struct = jax.tree.map(_single_example, self.example_input)
     self.closed_jaxpr = _trace(self.apply_fn, self.treedef, abstract_params,
                                self.input_struct, self.leaf_names)
+    self._shiftable = None
 
   def path_sum(self, powered: Sequence[jax.Array], constants: Sequence[Any],
-               interpreter: PathInterpreter | None = None) -> jax.Array:
-    """g(v) = Σ_outputs N(v, 1) for powered weights ``v`` of the included leaves.
+               interpreter: PathInterpreter | None = None):
+    """g(v) = Σ_outputs N(v, 1) as (mantissa, exponent, gradient exponents).
+
+    g = mantissa · 2^exponent. The path network renormalises by powers of two as it goes, so
+    this is exact to rounding and free of overflow whatever the size of g and of the path
+    sums on the way. The exponents carry no gradient: ∂ log(mantissa)/∂v = (∂g/∂v)/g, except
+    that the gradient of included leaf i comes out multiplied by 2^(-gradient_exponents[i])
+    (see `PathInterpreter.operand`).
 
     Args:
       powered: ``|θ|^p`` for each included leaf (in the compute dtype), in leaf order.
@@ -527,6 +682,14 @@ class PathNetwork:
       interpreter: an interpreter to record with; a fresh one by default.
     """
     interp = interpreter or PathInterpreter(self.p, self.dtype, self.leaf_names)
+    interp.shiftable = self._shiftable_leaves(powered, constants)
+    mantissa, exponent = self._evaluate(powered, constants, interp)
+    zero = jnp.zeros((), self.dtype)
+    gradient_exponents = [lax.stop_gradient(interp.gradient_exponents.get(i, zero))
+                          for i, inc in enumerate(self.included) if inc]
+    return mantissa, exponent, gradient_exponents
+
+  def _evaluate(self, powered, constants, interp):
     powered_iter, constant_iter = iter(powered), iter(constants)
     args = []
     for i, inc in enumerate(self.included):
@@ -538,11 +701,26 @@ class PathNetwork:
       args.append(_Val(Kind.ACT, jnp.ones(struct.shape, self.dtype)))
     jaxpr = self.closed_jaxpr
     outs = interp.run(jaxpr.jaxpr, [_Val(Kind.CONST, c) for c in jaxpr.consts], args)
-    total = jnp.zeros((), self.dtype)
+    summed = []
     for out in outs:
-      if jnp.issubdtype(jnp.result_type(out.value), jnp.inexact) or out.kind != Kind.CONST:
-        total = total + jnp.sum(interp.lift(out, Kind.ACT))
-    return total
+      if out.kind == Kind.ACT:
+        summed.append(dataclasses.replace(out, value=jnp.sum(out.value)))
+      elif jnp.issubdtype(jnp.result_type(out.value), jnp.inexact):  # paths from biases only
+        summed.append(_Val(Kind.PARAM, jnp.sum(interp.lift(out, Kind.ACT))))
+    if not summed:
+      raise PathNetworkError("apply_fn returns no floating-point output: there is no path sum.")
+    values, exponent = interp.align(summed, Kind.ACT)
+    return sum(values[1:], values[0]), jnp.asarray(exponent, self.dtype)
+
+  def _shiftable_leaves(self, powered, constants) -> frozenset[int]:
+    """Leaves whose gradient may be returned with an exponent: found by a shape-only run."""
+    if self._shiftable is None:
+      dry = PathInterpreter(self.p, self.dtype, self.leaf_names)
+      structs = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in powered]
+      jax.eval_shape(lambda v: self._evaluate(v, constants, dry), structs)
+      self._shiftable = frozenset(
+          i for i, inc in enumerate(self.included) if inc and i not in dry.unshiftable)
+    return self._shiftable
 
 
 def _single_example(x):
@@ -608,6 +786,8 @@ def power(x, p) -> jax.Array:
     return x
   if isinstance(p, float) and p == 2:
     return x * x
+  if isinstance(p, float) and p == 0.5:
+    return jnp.sqrt(x)
   return x ** p
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from pathsgd_jax._pathnet import Operation, PathInterpreter, PathNetwork, check_p
-from pathsgd_jax._scales import ApplyFn, _gradient_of_path_sum, _kappa_tree
+from pathsgd_jax._scales import ApplyFn, compute_scales
 
 _MAX_POOL_NOTE = (
     "max pooling is not linear: following the path-norm literature it is replaced by a sum over "
@@ -97,10 +97,10 @@ def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
   """
   net = PathNetwork(apply_fn, params, example_input, check_p(p), mask)
   interpreter = PathInterpreter(net.p, net.dtype, net.leaf_names, record=True)
-  total, grads, leaves = _gradient_of_path_sum(net, params, interpreter)
-  kappa = net.treedef.flatten_up_to(_kappa_tree(net, grads, leaves))
+  scales = compute_scales(net, params, normalize=False, interpreter=interpreter)
+  leaves = net.treedef.flatten_up_to(params)
   reports = []
-  for i, (name, leaf, k) in enumerate(zip(net.leaf_names, leaves, kappa)):
+  for i, (name, leaf, k) in enumerate(zip(net.leaf_names, leaves, scales.kappa)):
     if not net.included[i]:
       role = "excluded"
     else:
@@ -112,5 +112,5 @@ def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
         kappa_max=float(k.max()) if k.size else float("nan")))
   operations = tuple(interpreter.operations)
   notes = [_MAX_POOL_NOTE] if any("max pooling" in op.role for op in operations) else []
-  return PathStructure(p=net.p, path_norm=float(total) ** (1.0 / net.p), leaves=tuple(reports),
+  return PathStructure(p=net.p, path_norm=float(np.exp(scales.log_path_sum / net.p)), leaves=tuple(reports),
                        operations=operations, notes=tuple(notes))

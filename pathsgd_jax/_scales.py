@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from pathsgd_jax._pathnet import PathNetwork, check_p, power, power_leaf
+from pathsgd_jax._pathnet import PathNetwork, check_p, power, power_leaf, times_pow2
 
 ApplyFn = Callable[[Any, Any], Any]
 
@@ -20,27 +21,76 @@ def _split(net: PathNetwork, params):
   return leaves, powered, constants
 
 
-def _gradient_of_path_sum(net: PathNetwork, params, interpreter=None):
-  """(g(v), ∂g/∂v) at v = |θ|^p, and the flat leaves of params."""
+class Scales(NamedTuple):
+  """κ of one evaluation of the path network, with what a user may want to check.
+
+  Attributes:
+    log_path_sum: log φ_p^p (finite whenever some path is live, however large).
+    kappa: the κ leaves in the params' flattening order (ones for excluded leaves).
+    unrepresentable: number of entries whose κ does not fit the compute dtype (inf, or 0
+      although a live path runs through them); their update is 0.
+  """
+
+  log_path_sum: jax.Array
+  kappa: list[jax.Array]
+  unrepresentable: jax.Array
+
+
+def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=None) -> Scales:
+  """κ (or κ/φ_p² when ``normalize``) at v = |θ|^p, without overflow on the way.
+
+  The path network gives g = m·2^e with m of order one and ∂(log m)/∂v = (∂g/∂v)/g, free
+  of overflow (a leaf's gradient may come with a power-of-two exponent of its own, see
+  `PathInterpreter.operand`). Then κ/φ_p² = (∂ log m/∂v)^(2/p) and κ = φ_p²·(κ/φ_p²), with
+  the powers of two and, for p ≠ 2, the logs combined before anything is rounded to the
+  float range: an entry is inf or 0 only when its own κ does not fit.
+  """
   leaves, powered, constants = _split(net, params)
-  value, grads = jax.value_and_grad(lambda v: net.path_sum(v, constants, interpreter))(powered)
-  return value, grads, leaves
+  (_, (mantissa, exponent, gradient_exponents)), dlog = jax.value_and_grad(
+      lambda v: _log_mantissa(*net.path_sum(v, constants, interpreter)), has_aux=True)(powered)
+  ratio = 2.0 / net.p
+  ln2 = jnp.log(2.0).astype(net.dtype)
+  log_g = _log(mantissa, exponent, net.dtype)
+  square_root_free = isinstance(net.p, float) and net.p == 2
 
+  def kappa_of(gradient, gradient_exponent):
+    total_exponent = gradient_exponent + (0.0 if normalize else exponent)
+    if square_root_free:  # κ = gradient · (m if raw) · 2^(exponents): exact
+      return times_pow2(gradient if normalize else gradient * mantissa, total_exponent)
+    positive = gradient > 0
+    log_kappa = ratio * (jnp.log(jnp.where(positive, gradient, 1)) + gradient_exponent * ln2
+                         + (0.0 if normalize else log_g))
+    return jnp.where(positive, jnp.exp(log_kappa), 0.0)
 
-def _kappa_tree(net: PathNetwork, grads, leaves):
-  grad_iter = iter(grads)
-  kappas = []
+  grads = iter(zip(dlog, gradient_exponents))
+  kappas, unrepresentable = [], jnp.zeros((), jnp.int32)
   for x, inc in zip(leaves, net.included):
-    if inc:
-      g = next(grad_iter)
-      # (∂g/∂v)^(2/p); for p = 2, the paper's setting, the power is the identity.
-      kappas.append(power(g, 2.0 / net.p))
-    else:
+    if not inc:
       kappas.append(jnp.ones(jnp.shape(x), net.dtype))
-  return jax.tree_util.tree_unflatten(net.treedef, kappas)
+      continue
+    gradient, gradient_exponent = next(grads)
+    kappa = kappa_of(gradient, gradient_exponent)
+    lost = ~jnp.isfinite(kappa) | ((kappa == 0) & (gradient > 0))
+    unrepresentable += jnp.sum(lost, dtype=jnp.int32)
+    kappas.append(kappa)
+  return Scales(log_g, kappas, unrepresentable)
 
 
-def path_scales(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mask=None):
+def _log_mantissa(mantissa, exponent, gradient_exponents=()):
+  """log m, with log 0 = -inf and a zero gradient there (no live path); the rest as aux."""
+  live = mantissa > 0
+  log_m = jnp.where(live, jnp.log(jnp.where(live, mantissa, 1)), -jnp.inf)
+  return log_m, (lax.stop_gradient(mantissa), exponent, gradient_exponents)
+
+
+def _log(mantissa, exponent, dtype):
+  """log(m · 2^e)."""
+  log_m, _ = _log_mantissa(mantissa, exponent)
+  return log_m + exponent * jnp.log(2.0).astype(dtype)
+
+
+def path_scales(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mask=None,
+                normalize: bool = False):
   r"""Per-parameter Path-SGD scales κ of a ReLU network.
 
   For an edge ``e`` of the network,
@@ -61,7 +111,12 @@ def path_scales(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mas
 
   κ is computed in float32 (float64 when ``jax_enable_x64`` is on) whatever the params' dtype.
   One forward and one backward pass of the path network on a single example: the cost does
-  not grow with the batch size.
+  not grow with the batch size. The path network renormalises its values as it goes and keeps
+  the scale in log space, so path sums that leave the floating-point range on the way (deep
+  or unbalanced networks) do not spoil a κ that is itself representable. Raw κ grows like
+  φ_p², though: where it does not fit the dtype it comes back as ``inf`` (or 0) and the
+  Path-SGD update of that entry is 0. ``normalize=True`` returns κ/φ_p² instead, which fits
+  at any depth and is still rescaling invariant (φ_p is).
 
   Args:
     apply_fn: ``apply_fn(params, x) -> outputs``, the network.
@@ -72,6 +127,7 @@ def path_scales(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mas
     mask: optional tree of booleans like ``params``, or a callable returning one; leaves that
       are ``False`` are not path weights: they act as fixed constants in the path network and
       get ``κ = 1``.
+    normalize: return κ/φ_p² (scale-free, finite at any depth) instead of κ.
 
   Returns:
     A tree like ``params`` (same structure and shapes) of κ in the compute dtype.
@@ -94,8 +150,8 @@ def path_scales(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mas
     Networks <https://arxiv.org/abs/1506.02617>`_, NIPS 2015.
   """
   net = PathNetwork(apply_fn, params, example_input, check_p(p), mask)
-  _, grads, leaves = _gradient_of_path_sum(net, params)
-  return _kappa_tree(net, grads, leaves)
+  scales = compute_scales(net, params, normalize=normalize)
+  return net.treedef.unflatten(scales.kappa)
 
 
 def path_norm(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mask=None):
@@ -130,5 +186,9 @@ def path_norm(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mask=
   """
   net = PathNetwork(apply_fn, params, example_input, check_p(p), mask)
   _, powered, constants = _split(net, params)
-  total = net.path_sum(powered, constants)
-  return total ** (1.0 / net.p)
+  mantissa, exponent, _ = net.path_sum(powered, constants)
+  total = times_pow2(mantissa, exponent)
+  fits = jnp.isfinite(total) & (total > 0)
+  # Outside the float range the root is taken in logs: φ_p itself may still fit.
+  return jnp.where(fits, power(total, 1.0 / net.p),
+                   jnp.exp(_log(mantissa, exponent, net.dtype) / net.p))

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from pathsgd_jax._pathnet import PathNetwork, check_p
-from pathsgd_jax._scales import ApplyFn, _gradient_of_path_sum, _kappa_tree
+from pathsgd_jax._scales import ApplyFn, compute_scales
 
 _NO_PARAMS = (
     "scale_by_path_norm needs the current parameters: the path scales κ are recomputed from "
@@ -27,6 +27,10 @@ class ScaleByPathNormState(NamedTuple):
 
   Attributes:
     count: number of updates made so far (int32 scalar).
+    unrepresentable: at the last κ refresh, the number of parameter entries whose κ does not
+      fit the compute dtype (overflow to inf, or underflow to 0 on a live path); their update
+      is 0. Non-zero means the network's path norm is out of float range: use
+      ``normalize=True``.
     kappa: the path scales of the last refresh, as a tuple of the leaves of the κ tree in
       the params' flattening order (float32, or float64 with x64), kept only when
       ``refresh_every > 1``; ``None`` otherwise, so the paper's every-step rule costs no
@@ -35,6 +39,7 @@ class ScaleByPathNormState(NamedTuple):
   """
 
   count: chex.Array
+  unrepresentable: chex.Array
   kappa: Any
 
 
@@ -66,6 +71,10 @@ def _check_number(name, value, *, low, high=float("inf"), low_open=False, high_o
     raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
 
 
+def _compute_dtype():
+  return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+
 def _check_refresh(refresh_every):
   if isinstance(refresh_every, jax.Array) and np.shape(refresh_every) == ():
     try:
@@ -85,6 +94,7 @@ def scale_by_path_norm(
     p: float = 2.0,
     mask: Any = None,
     refresh_every: int = 1,
+    normalize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides each update by its path scale κ, computed from the current parameters.
 
@@ -106,6 +116,9 @@ def scale_by_path_norm(
       leaves are not path weights and their updates pass through unscaled.
     refresh_every: recompute κ every this many steps and reuse the cached κ in between
       (1, the paper's rule, stores nothing).
+    normalize: divide by κ/φ_p² instead of κ: the step is multiplied by φ_p², a rescaling-
+      invariant scalar, which makes one learning rate fit networks of any depth and keeps κ
+      representable where raw κ overflows float32 (deep networks).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires ``params``.
@@ -130,32 +143,37 @@ def scale_by_path_norm(
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
 
-  def kappa_of(params) -> tuple:
+  def scales_of(params) -> tuple[tuple, jax.Array]:
     net = PathNetwork(apply_fn, params, example_input, p, mask)
-    _, grads, leaves = _gradient_of_path_sum(net, params)
-    return tuple(net.treedef.flatten_up_to(_kappa_tree(net, grads, leaves)))
+    scales = compute_scales(net, params, normalize=normalize)
+    return tuple(scales.kappa), scales.unrepresentable
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
+    unrepresentable = jnp.zeros([], jnp.int32)
     if refresh_every == 1:
-      return ScaleByPathNormState(count=count, kappa=None)
-    return ScaleByPathNormState(count=count, kappa=kappa_of(params))
+      return ScaleByPathNormState(count, unrepresentable, kappa=None)
+    # Shapes only: the first update refreshes κ (count 0), so init never runs the network
+    # and works on abstract params.
+    kappa = tuple(jnp.zeros(jnp.shape(x), _compute_dtype()) for x in jax.tree.leaves(params))
+    return ScaleByPathNormState(count, unrepresentable, kappa)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(_NO_PARAMS)
     if state.kappa is None:  # refresh_every == 1, decided when the state was made
-      kappa = kappa_of(params)
+      kappa, unrepresentable = scales_of(params)
       cached = None
     else:
-      kappa = jax.lax.cond(state.count % refresh_every == 0, kappa_of, lambda _: state.kappa,
-                           params)
+      kappa, unrepresentable = jax.lax.cond(
+          state.count % refresh_every == 0, scales_of,
+          lambda _: (state.kappa, state.unrepresentable), params)
       cached = kappa
     treedef = jax.tree.structure(updates)
     updates = treedef.unflatten(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
     count = optax.safe_int32_increment(state.count)
-    return updates, ScaleByPathNormState(count=count, kappa=cached)
+    return updates, ScaleByPathNormState(count, unrepresentable, cached)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -170,6 +188,7 @@ def path_sgd(
     nesterov: bool = False,
     mask: Any = None,
     refresh_every: int = 1,
+    normalize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Path-SGD: stochastic gradient descent preconditioned by the path scales.
 
@@ -190,6 +209,8 @@ def path_sgd(
     nesterov: use Nesterov momentum.
     mask: leaves that are not path weights (their gradient passes through unscaled).
     refresh_every: recompute κ every this many steps (1 = the paper's rule).
+    normalize: precondition by κ/φ_p² instead of κ (see :func:`scale_by_path_norm`): one
+      learning rate then suits networks of any depth.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` requires ``params``.
@@ -217,7 +238,8 @@ def path_sgd(
   if not callable(learning_rate):
     _check_number("learning_rate", learning_rate, low=0.0, low_open=True)
   return optax.chain(
-      scale_by_path_norm(apply_fn, example_input, p=p, mask=mask, refresh_every=refresh_every),
+      scale_by_path_norm(apply_fn, example_input, p=p, mask=mask, refresh_every=refresh_every,
+                         normalize=normalize),
       optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
       else optax.identity(),
       optax.scale_by_learning_rate(learning_rate),

@@ -1,0 +1,182 @@
+"""Deep and unbalanced networks: κ against a float64 reference, overflow, normalisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pathsgd_jax as psgd
+
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def mlp(params, x):
+  for i, layer in enumerate(params):
+    x = x @ layer["w"] + layer["b"][None, :]
+    if i < len(params) - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def make_mlp(depth, width, *, init="he", seed=0, n_in=8, n_out=4):
+  rng = np.random.default_rng(seed)
+  sizes = [n_in] + [width] * (depth - 1) + [n_out]
+  params = []
+  for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    std = np.sqrt((2.0 if init == "he" else 1.0) / fan_in)
+    params.append({"w": rng.normal(0, std, (fan_in, fan_out)),
+                   "b": rng.normal(0, 0.1, fan_out)})
+  return params
+
+
+def reference_kappa(params, p=2.0):
+  """γ_in forward / γ_out backward through |w|^p in float64 logs, written independently.
+
+  Returns (log κ per leaf, log φ_p^p); logs keep depth-128 values finite.
+  """
+  def logsumexp_matvec(log_x, log_w):  # log Σ_i exp(log_x_i + log_w_ij)
+    z = log_x[:, None] + log_w
+    m = np.max(z, axis=0)
+    return m + np.log(np.sum(np.exp(z - m), axis=0))
+
+  log_v = [{"w": p * np.log(np.abs(l["w"])), "b": p * np.log(np.abs(l["b"]))} for l in params]
+  log_in = [np.zeros(params[0]["w"].shape[0])]  # γ_in of the input nodes: 1
+  for lv in log_v:
+    h = logsumexp_matvec(log_in[-1], lv["w"])
+    log_in.append(np.logaddexp(h, lv["b"]))
+  log_out = [np.zeros(params[-1]["w"].shape[1])]  # γ_out of the outputs: 1
+  for lv in reversed(log_v):
+    log_out.insert(0, logsumexp_matvec(log_out[0], lv["w"].T))
+  log_total = np.logaddexp.reduce(log_in[-1])
+  kappas = []
+  for layer, lv in enumerate(log_v):
+    g_w = log_in[layer][:, None] + log_out[layer + 1][None, :]
+    g_b = log_out[layer + 1]
+    kappas.append({"w": 2.0 / p * g_w, "b": 2.0 / p * g_b})
+  return kappas, log_total
+
+
+def as_dtype(params, dtype):
+  return [{k: jnp.asarray(v, dtype) for k, v in layer.items()} for layer in params]
+
+
+CASES = [(depth, width, init, dtype)
+         for depth, width in [(16, 256), (64, 64)]
+         for init in ["he", "balanced"]
+         for dtype in [jnp.float32, jnp.bfloat16, jnp.float16]]
+# Depth 128 compiles slowly on 2 cores: one case per initialisation, two dtypes.
+CASES += [(128, 32, "he", jnp.float32), (128, 32, "balanced", jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("depth,width,init,dtype", CASES)
+def test_kappa_matches_float64_where_representable(depth, width, init, dtype):
+  params64 = make_mlp(depth, width, init=init, seed=depth + width)
+  params = as_dtype(params64, dtype)
+  # The reference sees the weights as rounded to the params' dtype.
+  rounded = [{k: np.asarray(v, np.float64) for k, v in layer.items()} for layer in params]
+  log_kappa, log_total = reference_kappa(rounded)
+  x = jnp.zeros((2, 8), dtype)
+  kappa, normalised = jax.jit(lambda prm: (psgd.path_scales(mlp, prm, x),
+                                           psgd.path_scales(mlp, prm, x, normalize=True)))(params)
+  for got, got_norm, ref in zip(kappa, normalised, log_kappa):
+    for key in ("w", "b"):
+      g, gn, r = np.asarray(got[key]), np.asarray(got_norm[key]), ref[key]
+      assert g.dtype == np.float32 and not np.isnan(g).any() and not np.isnan(gn).any()
+      fits = (r < np.log(F32_MAX) - 1e-3) & (r > np.log(F32_TINY) + 1e-3)
+      np.testing.assert_allclose(g[fits], np.exp(r[fits]), rtol=1e-3)
+      # Normalised κ = κ/φ_p², wherever it is a normal float32 (nearly everywhere).
+      rn = r - log_total
+      fits_normalised = (rn < np.log(F32_MAX) - 1e-3) & (rn > np.log(F32_TINY) + 1e-3)
+      np.testing.assert_allclose(gn[fits_normalised], np.exp(rn[fits_normalised]), rtol=1e-3)
+
+
+def test_raw_kappa_overflow_is_defined_and_counted():
+  # He init doubles path sums per layer: at depth 128 φ² (~2^130) overflows float32 while
+  # κ (~2^123) still fits; by depth 160 most κ (~2^155) overflow too.
+  params = as_dtype(make_mlp(160, 16, init="he", seed=3), jnp.float32)
+  log_kappa, _ = reference_kappa([{k: np.asarray(v, np.float64) for k, v in l.items()}
+                                  for l in params])
+  def count(condition):
+    return sum(int(condition(r[k]).sum()) for r in log_kappa for k in r)
+
+  # Entries within 0.1% of the float32 limits may round either way.
+  surely_lost = count(lambda r: (r > np.log(F32_MAX) + 1e-3) | (r < np.log(F32_TINY) - 1e-3))
+  maybe_lost = count(lambda r: (r > np.log(F32_MAX) - 1e-3) | (r < np.log(F32_TINY) + 1e-3))
+  total = count(lambda r: np.ones_like(r, bool))
+  assert surely_lost > total / 2
+  x = jnp.zeros((2, 8))
+  tx = psgd.scale_by_path_norm(mlp, x)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  leaves = jax.tree.leaves(updates)
+  assert all(np.isfinite(np.asarray(u)).all() for u in leaves)
+  # Entries whose κ does not fit get a zero update, and the state says how many there are.
+  assert surely_lost <= int(state.unrepresentable) <= maybe_lost
+  # Their updates are 0 (a few more underflow: 1/κ for κ near the float32 maximum).
+  zero = sum(int((np.asarray(u) == 0).sum()) for u in leaves)
+  assert int(state.unrepresentable) <= zero <= maybe_lost + total // 1000
+
+
+def test_normalized_kappa_is_rescaling_invariant_and_depth_free():
+  """κ/φ² is invariant under rescalings; its size does not explode with depth."""
+  sizes = {}
+  for depth in (8, 32, 128):
+    params = as_dtype(make_mlp(depth, 32, init="he", seed=depth), jnp.float32)
+    kappa = psgd.path_scales(mlp, params, jnp.zeros((1, 8)), normalize=True)
+    sizes[depth] = float(np.median(np.concatenate([np.ravel(k) for k in jax.tree.leaves(kappa)])))
+    assert all(np.isfinite(np.asarray(k)).all() for k in jax.tree.leaves(kappa))
+  # Raw κ grows like 2^depth here; normalised κ changes by far less than that.
+  assert max(sizes.values()) / min(sizes.values()) < 2.0 ** 20
+
+
+def test_unbalanced_deep_network_keeps_invariance_in_float32():
+  """Per-unit factors up to 10^3 compounding over depth 8: trajectories stay equivalent."""
+  rng = np.random.default_rng(7)
+  depth, width = 8, 16
+  base = make_mlp(depth, width, init="balanced", seed=11)
+  scaled = [dict(layer) for layer in base]
+  factors = []
+  for layer in range(depth - 1):
+    c = 10.0 ** rng.uniform(-3, 3, width)
+    factors.append(c)
+    scaled[layer]["w"] = scaled[layer]["w"] * c[None, :]
+    scaled[layer]["b"] = scaled[layer]["b"] * c
+    scaled[layer + 1]["w"] = scaled[layer + 1]["w"] / c[:, None]
+  x = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)
+
+  def run(params):
+    params = as_dtype(params, jnp.float32)
+    tx = psgd.path_sgd(1e-3, mlp, x, momentum=0.9)
+    state = tx.init(params)
+    loss = lambda prm: jnp.mean((mlp(prm, x) - y) ** 2)
+
+    @jax.jit
+    def step(prm, st):
+      updates, st = tx.update(jax.grad(loss)(prm), st, prm)
+      return optax.apply_updates(prm, updates), st
+
+    outputs = []
+    for _ in range(12):
+      params, state = step(params, state)
+      outputs.append(np.asarray(mlp(params, x)))
+    return outputs
+
+  for a, b in zip(run(base), run(scaled)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(a).max())
+
+
+def test_nan_gradients_propagate_and_apply_if_finite_skips_them():
+  params = as_dtype(make_mlp(3, 8), jnp.float32)
+  x = jnp.zeros((1, 8))
+  tx = psgd.path_sgd(0.1, mlp, x)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), jax.tree.map(jnp.ones_like,
+                                                                                params))
+  updates, _ = tx.update(bad, tx.init(params), params)
+  assert all(np.isnan(np.asarray(u)).any() for u in jax.tree.leaves(updates))
+  guarded = optax.apply_if_finite(tx, max_consecutive_errors=3)
+  updates, state = guarded.update(bad, guarded.init(params), params)
+  assert all((np.asarray(u) == 0).all() for u in jax.tree.leaves(updates))
+  assert int(state.notfinite_count) == 1
