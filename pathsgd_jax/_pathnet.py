@@ -50,7 +50,17 @@ class _Val:
   kind: Kind
   value: Any
   leaves: frozenset[int] = frozenset()  # parameter leaves a PARAM value was derived from
-  log_scale: Any = 0.0  # an ACT value stands for value * exp(log_scale)
+  log_scale: Any = 0.0  # an ACT value stands for value * 2^log_scale
+  # An ACT value's identity up to constant factors: scaling by a constant keeps it.
+  origin: Any = None
+  # Set on the result of `x > 0` and kin: the origin of the activation x that was tested,
+  # and the comparison's primitive.
+  tested: Any = None
+  tested_by: str = ""
+
+  def __post_init__(self):
+    if self.kind == Kind.ACT and self.origin is None:
+      object.__setattr__(self, "origin", object())
 
 
 class Operation(NamedTuple):
@@ -84,6 +94,9 @@ _LINEAR = frozenset({
     "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add",
 })
 _ADDITIVE = frozenset({"add", "add_any", "sub"})
+# GSPMD placement hints, dropped on activations: the path network's single example cannot
+# follow a batch layout. (Explicit-mode `reshard` changes types and is kept.)
+_SHARDING = frozenset({"sharding_constraint"})
 _IDENTITY = frozenset({"neg", "convert_element_type", "reduce_precision"})
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
                     "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
@@ -115,6 +128,8 @@ _HINTS = {
     "sign": "a sign",
     "abs": "an absolute value",
     "div": "a division by a parameter or activation (weight normalisation, a statistic)",
+    "ne": "a comparison of activations (softplus thresholds, masks)",
+    "eq": "a comparison of activations (one-hot encoding, masks)",
     "mul": "a product of two activations (attention, gating, a variance)",
     "dot_general": "a product of two activations (attention, bilinear layers)",
     "while": "a while loop (lax.fori_loop/while_loop with a traced trip count)",
@@ -352,13 +367,50 @@ class PathInterpreter:
         return self.run(inner, [_Val(Kind.CONST, c) for c in inner_consts], invals)
       finally:
         self.callers.pop()
+    if name == "convert_element_type" and invals[0].tested is not None:
+      (mask,) = invals  # x > 0 as a 0/1 mask, for x * (x > 0)
+      return [dataclasses.replace(mask, value=np.asarray(mask.value, eqn.params["new_dtype"]))]
+    if name == "mul" and any(v.tested is not None for v in invals):
+      return self._sign_select(eqn, invals if invals[0].tested is not None else invals[::-1])
+    if any(v.tested is not None for v in invals) and name != "select_n":
+      test = next(v.tested_by for v in invals if v.tested is not None)
+      raise self.unsupported(
+          eqn, f"it uses the sign of an activation (`{test}`) other than to select between that "
+          "activation, a constant multiple of it and 0 (as ReLU and leaky ReLU do): a step "
+          "function, a mask or a branch on activations is not a path network")
     if name == "scan":
       return self._scan(eqn, invals)
     if name == "cond":
       return self._cond(eqn, invals)
+    if name == "select_n" and invals[0].tested is not None:
+      return self._sign_select(eqn, invals)
     if all(v.kind == Kind.CONST for v in invals):
       return self._constant(eqn, invals)
     return self._rule(eqn, invals)
+
+  def _sign_select(self, eqn, invals):
+    """`where(x > 0, x, a·x)` and `where(x > 0, x, 0)`: ReLU and leaky ReLU, the identity here.
+
+    Path values are sums of positive products, so the branch for positive inputs is taken;
+    it is only valid when every branch is the tested activation, a constant multiple of it,
+    or zero, which makes the selection positively homogeneous.
+    """
+    predicate, *cases = invals
+    if eqn.primitive.name == "mul":  # mask · x == select(mask, 0, x)
+      cases = [_Val(Kind.CONST, np.zeros((), predicate.value.dtype)), cases[0]]
+    for case in cases:
+      zero = case.kind == Kind.CONST and (c := _concrete(case.value)) is not None and not c.any()
+      if not zero and (case.kind != Kind.ACT or case.origin is not predicate.tested):
+        raise self.unsupported(
+            eqn, "it selects by the sign of an activation between values other than that "
+            "activation, a constant multiple of it and 0")
+    taken = cases[int(np.asarray(predicate.value).flat[0])]
+    if taken.kind == Kind.CONST:
+      # where(x > 0, 0, x) = min(x, 0): zero on the path network's positive values, but still
+      # an activation, so that a nonlinearity applied to it (ELU's expm1) is caught.
+      return [_Val(Kind.ACT, jnp.zeros(eqn.outvars[0].aval.shape, self.dtype))]
+    self._note(eqn, "relu (identity)", taken.value, invals)
+    return [taken]
 
   def _constant(self, eqn, invals):
     bind_params = eqn.primitive.get_bind_params(eqn.params)
@@ -377,6 +429,10 @@ class PathInterpreter:
 
     act = [v for v in invals if v.kind == Kind.ACT]
     act_scale = act[0].log_scale if act else 0.0
+    # Scaling by constants keeps an activation's identity, for the sign tests of leaky ReLU.
+    keeps_origin = len(act) == 1 and all(v.kind == Kind.CONST for v in invals if v is not act[0])
+    same = name in _IDENTITY or name in ("mul", "div", "max", "sharding_constraint", "reshard",
+                                         "mesh_cast", "copy", "copy_p")
 
     def result(value, role=None, param_role=None, log_scale=act_scale, renormalise=False):
       if kind == Kind.ACT and role is not None:
@@ -385,13 +441,19 @@ class PathInterpreter:
       if kind != Kind.ACT:
         return [_Val(kind, v, leaves if kind == Kind.PARAM else frozenset()) for v in values]
       if renormalise:
-        normalised = [self.normalise(v, log_scale) for v in values]
-        return [_Val(kind, v, log_scale=ls) for v, ls in normalised]
-      return [_Val(kind, v, log_scale=log_scale) for v in values]
+        pairs = [self.normalise(v, log_scale) for v in values]
+      else:
+        pairs = [(v, log_scale) for v in values]
+      origin = act[0].origin if keeps_origin and same else None
+      return [_Val(kind, v, log_scale=ls, origin=origin) for v, ls in pairs]
 
     if name in _IDENTITY:
       (val,) = invals
       return result(val.value)
+
+    if name in _SHARDING and kind == Kind.ACT:
+      # Placement only; the single example of the path network cannot follow a batch layout.
+      return result(invals[0].value)
 
     if name in _LAYOUT:
       out = eqn.primitive.bind(invals[0].value, *[v.value for v in invals[1:]], **eqn.params)
@@ -509,11 +571,20 @@ class PathInterpreter:
     if b.kind == Kind.ACT and a.kind == Kind.CONST:
       a, b, name = b, a, _MIRRORED[name]
     c = _concrete(b.value) if b.kind == Kind.CONST else None
+    if a.kind == Kind.ACT and not any(jnp.issubdtype(v.aval.dtype, jnp.floating)
+                                      for v in eqn.invars if hasattr(v, "aval")):
+      raise UnsupportedOperationError(
+          f"The path network cannot use input-derived integers: `{eqn.primitive.name}` at "
+          f"{self.where(eqn)} works on integer values computed from the input, i.e. indices "
+          "(an embedding lookup or take: a `gather`). Path-SGD needs real-valued inputs that "
+          "reach the outputs through linear maps; feed embeddings as the input instead, and "
+          "exclude the embedding table with `mask=`.")
     if a.kind != Kind.ACT or c is None or not np.all(c == 0):
       raise self.unsupported(eqn, "the path network can only compare an activation with the "
                              "constant 0 (as ReLU and leaky ReLU do)")
     shape = eqn.outvars[0].aval.shape
-    return [_Val(Kind.CONST, np.full(shape, _COMPARISONS[name]))]
+    return [_Val(Kind.CONST, np.full(shape, _COMPARISONS[name]), tested=a.origin,
+                 tested_by=eqn.primitive.name)]
 
   def _cond(self, eqn, invals):
     index = invals[0]

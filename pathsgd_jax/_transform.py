@@ -31,11 +31,11 @@ class ScaleByPathNormState(NamedTuple):
       fit the compute dtype (overflow to inf, or underflow to 0 on a live path); their update
       is 0. Non-zero means the network's path norm is out of float range: use
       ``normalize=True``.
-    kappa: the path scales of the last refresh, as a tuple of the leaves of the κ tree in
-      the params' flattening order (float32, or float64 with x64), kept only when
-      ``refresh_every > 1``; ``None`` otherwise, so the paper's every-step rule costs no
-      memory. Flat, because some callers (``nnx.Optimizer``) give ``init`` a tree of
-      variables and ``update`` a tree of arrays with the same leaves.
+    kappa: the path scales of the last refresh, a tree like the params given to ``init``
+      (float32, or float64 with x64; same shardings), kept only when ``refresh_every > 1``;
+      ``None`` otherwise, so the paper's every-step rule costs no memory. Its structure is
+      fixed at ``init`` (``nnx.Optimizer`` gives ``init`` a tree of variables and ``update``
+      a tree of arrays with the same leaves).
   """
 
   count: chex.Array
@@ -81,6 +81,8 @@ def _check_refresh(refresh_every):
       refresh_every = int(refresh_every)
     except jax.errors.ConcretizationTypeError:  # rebuilt by inject_hyperparams under jit
       return refresh_every
+  if isinstance(refresh_every, np.integer):
+    refresh_every = int(refresh_every)
   if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
     raise ValueError(f"refresh_every must be a positive integer (1 = recompute κ at every "
                      f"step, as in the paper), got {refresh_every!r}.")
@@ -143,10 +145,10 @@ def scale_by_path_norm(
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
 
-  def scales_of(params) -> tuple[tuple, jax.Array]:
+  def scales_of(params) -> tuple[list, jax.Array]:
     net = PathNetwork(apply_fn, params, example_input, p, mask)
     scales = compute_scales(net, params, normalize=normalize)
-    return tuple(scales.kappa), scales.unrepresentable
+    return scales.kappa, scales.unrepresentable
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
@@ -155,7 +157,7 @@ def scale_by_path_norm(
       return ScaleByPathNormState(count, unrepresentable, kappa=None)
     # Shapes only: the first update refreshes κ (count 0), so init never runs the network
     # and works on abstract params.
-    kappa = tuple(jnp.zeros(jnp.shape(x), _compute_dtype()) for x in jax.tree.leaves(params))
+    kappa = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=_compute_dtype()), params)
     return ScaleByPathNormState(count, unrepresentable, kappa)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -166,10 +168,16 @@ def scale_by_path_norm(
       kappa, unrepresentable = scales_of(params)
       cached = None
     else:
-      kappa, unrepresentable = jax.lax.cond(
-          state.count % refresh_every == 0, scales_of,
+      cached_structure = jax.tree.structure(state.kappa)
+
+      def refresh(params):
+        kappa, unrepresentable = scales_of(params)
+        return cached_structure.unflatten(kappa), unrepresentable
+
+      cached, unrepresentable = jax.lax.cond(
+          state.count % refresh_every == 0, refresh,
           lambda _: (state.kappa, state.unrepresentable), params)
-      cached = kappa
+      kappa = jax.tree.leaves(cached)
     treedef = jax.tree.structure(updates)
     updates = treedef.unflatten(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
     count = optax.safe_int32_increment(state.count)
