@@ -45,9 +45,20 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
   the powers of two and, for p ≠ 2, the logs combined before anything is rounded to the
   float range: an entry is inf or 0 only when its own κ does not fit.
   """
-  leaves, powered, constants = _split(net, params)
+  leaves = net.treedef.flatten_up_to(params)
+  weights = [x for x, inc in zip(leaves, net.included) if inc]
+  constants = [x for x, inc in zip(leaves, net.included) if not inc]
+
+  def log_mantissa(deltas):
+    # Differentiated through δ = 0 added to v = |θ|^p: same gradient, and dense layers can
+    # then skip forming |θ|^p at full size (`_powered_matvec`).
+    powered = [power_leaf(w, net.p, net.dtype) + d for w, d in zip(weights, deltas)]
+    return _log_mantissa(*net.path_sum(powered, constants, interpreter,
+                                       raw=list(zip(weights, deltas))))
+
+  deltas = [jnp.zeros(jnp.shape(w), net.dtype) for w in weights]
   (_, (mantissa, exponent, gradient_exponents)), dlog = jax.value_and_grad(
-      lambda v: _log_mantissa(*net.path_sum(v, constants, interpreter)), has_aux=True)(powered)
+      log_mantissa, has_aux=True)(deltas)
   ratio = 2.0 / net.p
   ln2 = jnp.log(2.0).astype(net.dtype)
   log_g = _log(mantissa, exponent, net.dtype)

@@ -180,3 +180,25 @@ def test_nan_gradients_propagate_and_apply_if_finite_skips_them():
   updates, state = guarded.update(bad, guarded.init(params), params)
   assert all((np.asarray(u) == 0).all() for u in jax.tree.leaves(updates))
   assert int(state.notfinite_count) == 1
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_large_dense_layers_match_reference(p):
+  """Layers of >= 2^16 weights take the blocked |W|^p matvec path: same κ and φ_p."""
+  params64 = make_mlp(3, 320, init="he", seed=5, n_in=300, n_out=10)
+  params = as_dtype(params64, jnp.float32)
+  rounded = [{k: np.asarray(v, np.float64) for k, v in layer.items()} for layer in params]
+  log_kappa, log_total = reference_kappa(rounded, p=p)
+  x = jnp.zeros((4, 300))
+  kappa, norm = jax.jit(lambda prm: (psgd.path_scales(mlp, prm, x, p=p),
+                                     psgd.path_norm(mlp, prm, x, p=p)))(params)
+  np.testing.assert_allclose(float(norm), np.exp(log_total / p), rtol=1e-4)
+  for got, ref in zip(kappa, log_kappa):
+    for key in ("w", "b"):
+      np.testing.assert_allclose(np.asarray(got[key]), np.exp(ref[key]), rtol=1e-4)
+  # And the gradient path through it: one Path-SGD step equals -lr * g / κ.
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = psgd.path_sgd(0.5, mlp, x, p=p)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  for u, ref in zip(updates, log_kappa):
+    np.testing.assert_allclose(np.asarray(u["w"]), -0.5 / np.exp(ref["w"]), rtol=1e-4)
