@@ -56,7 +56,7 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
     return _log_mantissa(*net.path_sum(powered, constants, interpreter,
                                        raw=list(zip(weights, deltas))))
 
-  deltas = [jnp.zeros(jnp.shape(w), net.dtype) for w in weights]
+  deltas = [jnp.zeros_like(w, dtype=net.dtype) for w in weights]  # with w's sharding
   (_, (mantissa, exponent, gradient_exponents)), dlog = jax.value_and_grad(
       log_mantissa, has_aux=True)(deltas)
   ratio = 2.0 / net.p

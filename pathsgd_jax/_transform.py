@@ -71,6 +71,14 @@ def _check_number(name, value, *, low, high=float("inf"), low_open=False, high_o
     raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
 
 
+def _like(kappa, cached):
+  """κ with the type of the cached κ, sharding included (explicit-sharding meshes type it)."""
+  sharding = jax.typeof(cached).sharding
+  if jax.typeof(kappa).sharding != sharding and not sharding.mesh.empty:
+    kappa = jax.sharding.reshard(kappa, sharding.spec)
+  return kappa
+
+
 def _compute_dtype():
   return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
@@ -172,7 +180,8 @@ def scale_by_path_norm(
 
       def refresh(params):
         kappa, unrepresentable = scales_of(params)
-        return cached_structure.unflatten(kappa), unrepresentable
+        kappa = map(_like, kappa, jax.tree.leaves(state.kappa))
+        return cached_structure.unflatten(list(kappa)), unrepresentable
 
       cached, unrepresentable = jax.lax.cond(
           state.count % refresh_every == 0, refresh,
