@@ -1,0 +1,306 @@
+"""Step time and compiled memory of ``path_sgd`` against ``optax.sgd`` and ``optax.adagrad``.
+
+Each variant is one jitted train step ``(params, opt_state, x, y) -> (params, opt_state)``
+(softmax cross-entropy, parameters and optimizer state donated) on a fixed random batch.
+Variants are timed *interleaved* in one process: every repeat runs each variant once, in an
+order rotated from repeat to repeat, for ``number`` consecutive steps, after ``warmup``
+untimed repeats; the reported step time is the median over repeats of (repeat time /
+``number``). With ``refresh_every = k`` Path-SGD recomputes κ every k-th step only, so
+``number`` should be a multiple of every k (the default is their least common multiple) for
+the refresh steps to be counted at their true frequency.
+
+Memory comes from XLA's compiled-memory analysis of each step
+(``jax.jit(step).lower(...).compile().memory_analysis()``): argument, output, alias and
+temporary buffer sizes, and their combination ``argument + output - alias + temp`` as an
+estimate of the step's peak. Where the device reports memory statistics (GPU/TPU) the
+process-wide peak is printed as well; the CPU backend reports none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import textwrap
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import pathsgd_jax
+from pathsgd_jax.experiments import common, models
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 30,
+                     warmup: int = 2, number: int = 1) -> dict[str, dict[str, Any]]:
+  """Times callables interleaved; the reusable timing core of the benchmark.
+
+  Args:
+    fns: ``name -> fn``; ``fn()`` must run ``number`` steps and block until they finish.
+    repeats: timed repeats per callable.
+    warmup: untimed repeats first (compilation, caches).
+    number: steps each call runs; times are divided by it.
+
+  Returns:
+    ``name -> {"median_s", "q25_s", "q75_s", "min_s", "times_s"}`` per step.
+  """
+  names = list(fns)
+  times: dict[str, list[float]] = {n: [] for n in names}
+  for r in range(warmup + repeats):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      t0 = time.perf_counter()
+      fns[name]()
+      dt = (time.perf_counter() - t0) / number
+      if r >= warmup:
+        times[name].append(dt)
+  out = {}
+  for name, ts in times.items():
+    q = np.quantile(ts, [0.25, 0.75]) if ts else [math.nan, math.nan]
+    out[name] = {"median_s": statistics.median(ts) if ts else math.nan,
+                 "q25_s": float(q[0]), "q75_s": float(q[1]),
+                 "min_s": min(ts) if ts else math.nan, "times_s": ts}
+  return out
+
+
+def memory_of(compiled) -> dict[str, Any]:
+  """Sizes from ``compiled.memory_analysis()`` (bytes); empty if the backend gives none."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {e}"}
+  if ma is None:
+    return {}
+  out = {}
+  for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                "temp_size_in_bytes", "generated_code_size_in_bytes"):
+    v = getattr(ma, field, None)
+    if v is not None:
+      out[field.replace("_in_bytes", "")] = int(v)
+  if {"argument_size", "output_size", "temp_size"} <= out.keys():
+    out["peak_estimate"] = (out["argument_size"] + out["output_size"]
+                            - out.get("alias_size", 0) + out["temp_size"])
+  return out
+
+
+def device_memory_stats() -> dict[str, Any] | None:
+  """``jax.devices()[0].memory_stats()`` (None on CPU)."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return dict(stats) if stats else None
+
+
+@dataclasses.dataclass
+class Network:
+  """A benchmark network: parameters, deterministic apply and an input batch."""
+
+  name: str
+  description: str
+  params: Any
+  apply: Callable[[Any, jax.Array], jax.Array]
+  x: jax.Array
+  y: jax.Array
+
+  @property
+  def num_params(self) -> int:
+    return int(sum(np.prod(np.shape(l)) for l in jax.tree.leaves(self.params)))
+
+
+def mlp_network(sizes: Sequence[int], batch: int, seed: int = 0) -> Network:
+  """The paper's MLP, e.g. ``784-4000-4000-10``."""
+  kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
+  params = models.mlp_init(kp, list(sizes))
+  x = jax.random.uniform(kx, (batch, sizes[0]), jnp.float32)
+  y = jax.random.randint(ky, (batch,), 0, sizes[-1], jnp.int32)
+  return Network("mlp", f"MLP {'-'.join(map(str, sizes))}, batch {batch}", params,
+                 models.mlp_forward, x, y)
+
+
+def cnn_network(image_size: int, image_channels: int, channels: Sequence[int], classes: int,
+                batch: int, seed: int = 0) -> Network:
+  """The small CIFAR-style CNN of :func:`pathsgd_jax.experiments.models.cnn_apply`."""
+  kp, kx, ky = jax.random.split(jax.random.key(seed), 3)
+  shape = (image_size, image_size, image_channels)
+  params = models.cnn_init(kp, shape, classes, channels)
+  x = jax.random.uniform(kx, (batch,) + shape, jnp.float32)
+  y = jax.random.randint(ky, (batch,), 0, classes, jnp.int32)
+  desc = (f"CNN {image_size}x{image_size}x{image_channels} -> "
+          + " -> ".join(f"conv3x3 {c}, relu, avgpool2" for c in channels)
+          + f" -> dense {classes}, batch {batch}")
+  return Network("cnn", desc, params, models.cnn_apply, x, y)
+
+
+def optimizer_variants(net: Network, refresh: Sequence[int], momentum: float = 0.9,
+                       lr: float = 1e-4) -> dict[str, optax.GradientTransformation]:
+  """``sgd`` (momentum), ``adagrad`` and ``path-sgd`` (momentum) for each refresh period."""
+  out = {"sgd": optax.sgd(lr, momentum=momentum), "adagrad": optax.adagrad(lr)}
+  for k in refresh:
+    out[f"path-sgd (refresh {k})"] = pathsgd_jax.path_sgd(
+        lr, net.apply, net.x, momentum=momentum, refresh_every=k)
+  return out
+
+
+def make_step(apply: Callable, tx: optax.GradientTransformation) -> Callable:
+  """The jitted, donating train step timed by the benchmark."""
+
+  def step(params, opt_state, x, y):
+    def loss_fn(p):
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y))
+
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+class _Stepper:
+  """Holds one variant's state and runs ``number`` steps per call."""
+
+  def __init__(self, compiled, params, opt_state, x, y, number):
+    self.compiled, self.params, self.opt_state = compiled, params, opt_state
+    self.x, self.y, self.number = x, y, number
+
+  def __call__(self):
+    for _ in range(self.number):
+      self.params, self.opt_state = self.compiled(self.params, self.opt_state, self.x, self.y)
+    jax.block_until_ready((self.params, self.opt_state))
+
+
+def bench_network(net: Network, *, refresh: Sequence[int] = (1, 10), repeats: int = 30,
+                  warmup: int = 2, number: int | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Times and sizes every optimizer variant on ``net``; returns a JSON-friendly dict."""
+  if number is None:
+    number = math.lcm(*refresh) if refresh else 1
+  variants = optimizer_variants(net, refresh)
+  steppers, info = {}, {}
+  for name, tx in variants.items():
+    params = jax.tree.map(jnp.copy, net.params)
+    opt_state = tx.init(params)
+    t0 = time.perf_counter()
+    compiled = make_step(net.apply, tx).lower(params, opt_state, net.x, net.y).compile()
+    compile_s = time.perf_counter() - t0
+    info[name] = {"compile_time_s": compile_s, "memory": memory_of(compiled),
+                  "opt_state_bytes": int(sum(np.asarray(l).nbytes
+                                             for l in jax.tree.leaves(opt_state)))}
+    steppers[name] = _Stepper(compiled, params, opt_state, net.x, net.y, number)
+  log(f"[bench] {net.description}: {net.num_params:,} parameters; timing {len(steppers)} "
+      f"variants x {repeats} repeats x {number} steps (interleaved, {warmup} warm-up)")
+  timings = time_interleaved(steppers, repeats=repeats, warmup=warmup, number=number)
+  base = timings["sgd"]["median_s"]
+  base_mem = info["sgd"]["memory"].get("peak_estimate")
+  for name in variants:
+    info[name].update(timings[name])
+    info[name]["ratio_to_sgd"] = timings[name]["median_s"] / base
+    # Robust to a machine shared with other jobs: the ratio within each repeat (the variants
+    # of one repeat run back to back) and the ratio of the fastest repeats.
+    info[name]["ratio_to_sgd_paired"] = statistics.median(
+        a / b for a, b in zip(timings[name]["times_s"], timings["sgd"]["times_s"]))
+    info[name]["ratio_to_sgd_min"] = timings[name]["min_s"] / timings["sgd"]["min_s"]
+    peak = info[name]["memory"].get("peak_estimate")
+    info[name]["memory_ratio_to_sgd"] = (peak / base_mem) if peak and base_mem else None
+  return {"description": net.description, "num_params": net.num_params,
+          "batch": int(net.x.shape[0]), "number": number, "repeats": repeats,
+          "warmup": warmup, "variants": info}
+
+
+def format_bench(results: dict) -> str:
+  """The summary table of a bench results dict."""
+  rows = []
+  for net_name, net in results["networks"].items():
+    for name, v in net["variants"].items():
+      mem = v["memory"]
+      rows.append([net_name, name, f"{v['median_s'] * 1e3:.2f}",
+                   f"{v['q25_s'] * 1e3:.2f}-{v['q75_s'] * 1e3:.2f}", f"{v['min_s'] * 1e3:.2f}",
+                   f"{v['ratio_to_sgd']:.3f}", f"{v['ratio_to_sgd_paired']:.3f}",
+                   f"{v['ratio_to_sgd_min']:.3f}",
+                   _mib(mem.get("peak_estimate")), _mib(mem.get("temp_size")),
+                   _mib(mem.get("argument_size")),
+                   "-" if v["memory_ratio_to_sgd"] is None else f"{v['memory_ratio_to_sgd']:.3f}",
+                   f"{v['compile_time_s']:.1f}"])
+  return common.table(["network", "optimizer", "median ms", "IQR ms", "min ms", "t/sgd",
+                       "t/sgd paired", "t/sgd min", "peak MiB est.", "temp MiB", "args MiB",
+                       "mem/sgd", "compile s"], rows)
+
+
+def _mib(b: int | None) -> str:
+  return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def plot_bench(results: dict):
+  """Bar charts of median step time and estimated peak memory per network and optimizer."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  nets = list(results["networks"])
+  fig = Figure(figsize=(4.2 * max(len(nets), 1) + 0.4, 6.0), layout="constrained")
+  axes = fig.subplots(2, max(len(nets), 1), squeeze=False)
+  for c, net_name in enumerate(nets):
+    variants = results["networks"][net_name]["variants"]
+    names = list(variants)
+    t = [variants[n]["median_s"] * 1e3 for n in names]
+    err = [[variants[n]["median_s"] * 1e3 - variants[n]["q25_s"] * 1e3 for n in names],
+           [variants[n]["q75_s"] * 1e3 - variants[n]["median_s"] * 1e3 for n in names]]
+    mem = [(variants[n]["memory"].get("peak_estimate") or 0) / 2**20 for n in names]
+    colors = ["tab:red" if n.startswith("path") else "tab:gray" for n in names]
+    axes[0, c].bar(range(len(names)), t, yerr=err, color=colors)
+    axes[0, c].set_ylabel("step time (ms, median, IQR)")
+    axes[0, c].set_title(textwrap.fill(results["networks"][net_name]["description"], 48),
+                         fontsize=8)
+    axes[1, c].bar(range(len(names)), mem, color=colors)
+    axes[1, c].set_ylabel("peak memory estimate (MiB)")
+    for ax in axes[:, c]:
+      ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+      ax.grid(True, axis="y", alpha=0.3)
+  fig.suptitle(f"path_sgd vs optax on {results['environment']['jax_backend']} "
+               f"({', '.join(results['environment']['devices'][:1])})", fontsize=10)
+  return fig
+
+
+@dataclasses.dataclass
+class BenchConfig:
+  """Configuration of :func:`run_bench`."""
+
+  networks: Sequence[str] = ("mlp", "cnn")
+  mlp_sizes: Sequence[int] = (784, 4000, 4000, 10)
+  cnn_channels: Sequence[int] = (32, 64)
+  image_size: int = 32
+  image_channels: int = 3
+  classes: int = 10
+  batch: int = 100
+  refresh_every: Sequence[int] = (1, 10)
+  repeats: int = 30
+  warmup: int = 2
+  number: int | None = None
+  seed: int = 0
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+  """Runs the benchmark; returns the dict written to ``results.json``."""
+  if any(k < 1 for k in cfg.refresh_every):
+    raise common.ConfigError("--refresh-every values must be positive integers.")
+  if cfg.repeats < 1 or cfg.batch < 1:
+    raise common.ConfigError("--repeats and --batch must be positive.")
+  t0 = time.perf_counter()
+  results = {"command": "bench", "config": dataclasses.asdict(cfg),
+             "environment": common.environment(), "networks": {}}
+  for name in cfg.networks:
+    if name == "mlp":
+      net = mlp_network(cfg.mlp_sizes, cfg.batch, cfg.seed)
+    elif name == "cnn":
+      net = cnn_network(cfg.image_size, cfg.image_channels, cfg.cnn_channels, cfg.classes,
+                        cfg.batch, cfg.seed)
+    else:
+      raise common.ConfigError(f"Unknown network {name!r}; choose mlp or cnn.")
+    results["networks"][name] = bench_network(net, refresh=cfg.refresh_every,
+                                              repeats=cfg.repeats, warmup=cfg.warmup,
+                                              number=cfg.number, log=log)
+  results["device_memory_stats"] = device_memory_stats()
+  results["wall_time_s"] = time.perf_counter() - t0
+  return results

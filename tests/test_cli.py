@@ -1,0 +1,146 @@
+"""Smoke tests of the ``pathsgd-jax`` command line (tiny settings, seconds each)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pathsgd_jax.experiments import bench, cli, plotting, training
+
+EPOCHS = 2
+GRID = ["0.1", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("paper")
+  argv = ["paper", "--dataset", "digits", "--width", "16", "--epochs", str(EPOCHS),
+          "--optimizers", "sgd", "path-sgd", "--lr-grid", *GRID, "--dropout", "0.2",
+          "--out", str(out), "--quiet"]
+  code = cli.main(argv)
+  with open(out / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  return code, out, results
+
+
+def test_paper_exit_code_and_files(paper_run):
+  code, out, results = paper_run
+  assert code == 0
+  assert (out / "paper.png").stat().st_size > 10_000
+  assert results["figures"] == ["paper.png"]
+
+
+def test_paper_results_hold_configuration(paper_run):
+  _, _, results = paper_run
+  cfg = results["config"]
+  assert cfg["datasets"] == ["digits"]
+  assert (cfg["width"], cfg["depth"], cfg["epochs"], cfg["batch_size"]) == (16, 2, EPOCHS, 100)
+  assert cfg["optimizers"] == ["sgd", "path-sgd"]
+  assert cfg["inits"] == ["balanced", "unbalanced"]
+  assert cfg["dropout"] == 0.2
+  assert cfg["lr_grid"] == [float(v) for v in GRID]
+  env = results["environment"]
+  for pkg in ("jax", "jaxlib", "optax", "flax", "numpy"):
+    assert env["versions"][pkg]
+  assert env["python"] and env["platform"] and env["devices"]
+  assert results["datasets"]["digits"]["layer_sizes"] == [64, 16, 16, 10]
+  assert results["wall_time_s"] > 0
+
+
+def test_paper_curves_have_one_value_per_epoch(paper_run):
+  _, _, results = paper_run
+  assert len(results["runs"]) == 4  # 2 optimizers x 2 inits.
+  for run in results["runs"]:
+    assert run["chosen_lr"] in [float(v) for v in GRID]
+    assert run["curves"]["epoch"] == list(range(1, EPOCHS + 1))
+    for key in ("train_loss", "test_error", "val_error", "train_loss_running", "time_s"):
+      assert len(run["curves"][key]) == EPOCHS, key
+    assert len(run["grid"]) == len(GRID)
+    for g in run["grid"]:
+      assert len(g["curves"]["train_loss"]) == EPOCHS
+    chosen = run["grid"][run["chosen_index"]]
+    assert chosen["curves"] == run["curves"]
+  assert len(results["summary"]) == 4
+
+
+def test_paper_path_sgd_is_rescaling_invariant(paper_run):
+  # Same batches and dropout masks; the unbalanced start is the balanced network rescaled.
+  _, _, results = paper_run
+  runs = {(r["init"], r["optimizer"]): r for r in results["runs"]}
+  bal, unbal = runs["balanced", "path-sgd"], runs["unbalanced", "path-sgd"]
+  assert bal["chosen_lr"] == unbal["chosen_lr"]
+  np.testing.assert_allclose(bal["curves"]["train_loss"], unbal["curves"]["train_loss"],
+                             rtol=1e-3)
+
+
+def test_paper_figure_plots_the_json_curves(paper_run):
+  _, _, results = paper_run
+  fig = plotting.plot_paper(results)
+  lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines()}
+  assert len(fig.axes) == 4  # (training loss, test error) x (balanced, unbalanced).
+  for run in results["runs"]:
+    for key in ("train_loss", "test_error"):
+      line = lines[f"{run['dataset']}/{run['init']}/{run['optimizer']}/{key}"]
+      np.testing.assert_array_equal(line.get_xdata(), run["curves"]["epoch"])
+      np.testing.assert_array_equal(line.get_ydata(), run["curves"][key])
+  assert fig.axes[0].get_yscale() == "log"
+
+
+def test_paper_missing_dataset_is_a_clean_error(tmp_path, capsys):
+  code = cli.main(["paper", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out",
+                   str(tmp_path / "o"), "--quiet"])
+  assert code == 2
+  assert "CIFAR-10" in capsys.readouterr().err
+
+
+def test_bench_cli_tiny(tmp_path):
+  code = cli.main(["bench", "--mlp-sizes", "12", "16", "4", "--cnn-channels", "2", "3",
+                   "--image-size", "8", "--batch", "4", "--repeats", "3", "--warmup", "1",
+                   "--refresh-every", "1", "2", "--out", str(tmp_path), "--quiet"])
+  assert code == 0
+  assert (tmp_path / "bench.png").exists()
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  assert results["config"]["refresh_every"] == [1, 2]
+  assert set(results["networks"]) == {"mlp", "cnn"}
+  for net in results["networks"].values():
+    assert net["number"] == 2  # lcm of the refresh periods.
+    assert set(net["variants"]) == {"sgd", "adagrad", "path-sgd (refresh 1)",
+                                    "path-sgd (refresh 2)"}
+    sgd = net["variants"]["sgd"]
+    assert sgd["ratio_to_sgd"] == sgd["ratio_to_sgd_paired"] == sgd["ratio_to_sgd_min"] == 1.0
+    for v in net["variants"].values():
+      assert len(v["times_s"]) == 3 and v["median_s"] > 0
+      assert v["memory"]["peak_estimate"] > 0
+  assert results["environment"]["versions"]["jax"]
+
+
+def test_time_interleaved_counts_and_orders():
+  calls = []
+  out = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               repeats=4, warmup=1, number=2)
+  assert len(calls) == 10
+  assert calls[:4] == ["a", "b", "b", "a"]  # Order rotates between repeats.
+  assert all(len(v["times_s"]) == 4 for v in out.values())
+
+
+def test_select_discards_diverged_runs():
+  def run(lr, val, diverged=False):
+    return training.RunResult(lr=lr, diverged=diverged,
+                              curves={"val_error": [val], "train_loss": [1.0]}, initial={},
+                              train_time_s=1.0, eval_time_s=0.0, examples_per_s=1.0)
+
+  runs = [run(1.0, 0.01, diverged=True), run(0.1, 0.2), run(0.01, 0.1), run(0.001, float("nan"))]
+  assert training.select(runs) == 2
+  assert training.select([runs[0], runs[3]]) is None
+
+
+def test_module_entry_point_help():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "pathsgd_jax", "paper", "--help"],
+                        capture_output=True, text=True, env=env, timeout=60, check=False)
+  assert proc.returncode == 0
+  assert "mnist5k" in proc.stdout and "--lr-grid" in proc.stdout and "--preset" in proc.stdout
