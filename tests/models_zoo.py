@@ -47,6 +47,11 @@ def mlp_apply(params, x):
     return h
 
 
+def named_mlp(params, x):
+    """An MLP whose params are {'l0': {'w', 'b'}, 'l1': ...} (names shard more readably)."""
+    return mlp_apply([params[f"l{i}"] for i in range(len(params))], x)
+
+
 def mlp_apply_maximum(params, x):
     """Same network, ReLU written as ``jnp.maximum(h, 0)``."""
     h = x

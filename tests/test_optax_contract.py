@@ -23,19 +23,12 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import pathsgd_jax as psgd
+from models_zoo import named_mlp
 
 WIDTHS = (3, 6, 4, 2)
 
 
-def mlp(params, x):
-    h = x
-    n = len(params)
-    for i in range(n):
-        layer = params[f"l{i}"]
-        h = h @ layer["w"] + layer["b"][None, :]
-        if i < n - 1:
-            h = jax.nn.relu(h)
-    return h
+mlp = named_mlp
 
 
 def init_params(seed=0, widths=WIDTHS, dtype=jnp.float32):

@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import pathsgd_jax as psgd
+from models_zoo import named_mlp
 
 WIDTHS = (8, 16, 16, 4)
 BATCH = 32
@@ -35,15 +36,7 @@ LAYOUTS = {
 }
 
 
-def mlp(params, x):
-    h = x
-    n = len(params)
-    for i in range(n):
-        layer = params[f"l{i}"]
-        h = h @ layer["w"] + layer["b"][None, :]
-        if i < n - 1:
-            h = jax.nn.relu(h)
-    return h
+mlp = named_mlp
 
 
 def init_params(seed=0):
