@@ -144,3 +144,19 @@ def test_module_entry_point_help():
                         capture_output=True, text=True, env=env, timeout=60, check=False)
   assert proc.returncode == 0
   assert "mnist5k" in proc.stdout and "--lr-grid" in proc.stdout and "--preset" in proc.stdout
+
+
+def test_depth_and_rnn_subcommands(tmp_path):
+  """The depth and rnn experiments are reachable through the console script's parser."""
+  from pathsgd_jax.experiments import cli  # pylint: disable=g-import-not-at-top
+
+  assert cli.main(["depth", "--depths", "2", "3", "--steps", "3", "--width", "8",
+                   "--out", str(tmp_path / "depth")]) == 0
+  with open(tmp_path / "depth" / "results.json", encoding="utf-8") as f:
+    results = json.load(f)["results"]
+  assert {r["depth"] for r in results.values()} == {2, 3}
+  assert cli.main(["rnn", "--task", "mnist-row", "--hidden", "8", "--batch-size", "32",
+                   "--steps", "10", "--eval-every", "10", "--steps-per-call", "10",
+                   "--lr-grid", "0.01", "--optimizers", "path-sgd",
+                   "--out", str(tmp_path / "rnn"), "--quiet"]) == 0
+  assert (tmp_path / "rnn" / "rnn.png").exists()

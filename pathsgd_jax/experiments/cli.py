@@ -198,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
                  help="steps per timed repeat (default: lcm of --refresh-every)")
   b.add_argument("--seed", type=int, default=0, help="seed of parameters and batch")
   _add_common(b, os.path.join("runs", "bench"))
+  from pathsgd_jax.experiments import depth, rnn  # pylint: disable=g-import-not-at-top
+
+  p = sub.add_parser("rnn", help="ReLU RNNs on the adding problem / sequential MNIST",
+                     description=rnn.DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  rnn.add_arguments(p)
+  p = sub.add_parser("depth", help="one learning rate across depths: raw vs normalised κ",
+                     description=depth.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  depth.add_arguments(p)
   return parser
 
 
@@ -291,6 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "paper":
       return _paper(args)
+    if args.command == "rnn":
+      from pathsgd_jax.experiments import rnn  # pylint: disable=g-import-not-at-top
+      args.argv = list(sys.argv[2:] if argv is None else argv[1:])
+      rnn.run(args)
+      return 0
+    if args.command == "depth":
+      from pathsgd_jax.experiments import depth  # pylint: disable=g-import-not-at-top
+      depth.run_depth(depth.config_from_args(args))
+      return 0
     return _bench(args)
   except (DatasetNotFoundError, MalformedDatasetError, ConfigError) as e:
     print(f"pathsgd-jax {args.command}: error: {e}", file=sys.stderr)
