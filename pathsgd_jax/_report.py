@@ -27,6 +27,9 @@ class LeafReport:
       joined by ``+``, ``"excluded"`` (masked out by the user) or ``"unused"`` (on no path).
     kappa_min: smallest κ over the leaf's entries.
     kappa_max: largest κ over the leaf's entries.
+    unrepresentable: entries whose κ does not fit the compute dtype (inf, or 0 on a live
+      path): Path-SGD leaves them in place. Non-zero means the path norm is out of float
+      range; ``normalize=True`` avoids it.
   """
 
   name: str
@@ -35,6 +38,7 @@ class LeafReport:
   role: str
   kappa_min: float
   kappa_max: float
+  unrepresentable: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,8 @@ class PathStructure:
     for leaf in self.leaves:
       kappa = ("" if leaf.role in ("excluded",) else
                f"  κ in [{leaf.kappa_min:.3g}, {leaf.kappa_max:.3g}]")
+      if leaf.unrepresentable:
+        kappa += f"  ({leaf.unrepresentable} κ out of float range: not updated)"
       lines.append(f"  {leaf.name:<{width}}  {str(leaf.shape):<16} {leaf.dtype:<9} "
                    f"{leaf.role:<12}{kappa}")
     lines += ["", "Operations on activations (in order):"]
@@ -100,7 +106,8 @@ def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
   scales = compute_scales(net, params, normalize=False, interpreter=interpreter)
   leaves = net.treedef.flatten_up_to(params)
   reports = []
-  for i, (name, leaf, k) in enumerate(zip(net.leaf_names, leaves, scales.kappa)):
+  for i, (name, leaf, k, lost) in enumerate(zip(net.leaf_names, leaves, scales.kappa,
+                                                 scales.unrepresentable)):
     if not net.included[i]:
       role = "excluded"
     else:
@@ -109,8 +116,13 @@ def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
     reports.append(LeafReport(
         name=name, shape=tuple(np.shape(leaf)), dtype=str(jax.numpy.result_type(leaf)),
         role=role, kappa_min=float(k.min()) if k.size else float("nan"),
-        kappa_max=float(k.max()) if k.size else float("nan")))
+        kappa_max=float(k.max()) if k.size else float("nan"),
+        unrepresentable=int(np.sum(lost))))
   operations = tuple(interpreter.operations)
+  lost = sum(leaf.unrepresentable for leaf in reports)
   notes = [_MAX_POOL_NOTE] if any("max pooling" in op.role for op in operations) else []
+  if lost:
+    notes.append(f"{lost} κ entries do not fit {np.dtype(net.dtype).name} (the path norm is "
+                 "out of range): their Path-SGD update is 0. Use normalize=True.")
   return PathStructure(p=net.p, path_norm=float(np.exp(scales.log_path_sum / net.p)), leaves=tuple(reports),
                        operations=operations, notes=tuple(notes))

@@ -27,13 +27,14 @@ class Scales(NamedTuple):
   Attributes:
     log_path_sum: log φ_p^p (finite whenever some path is live, however large).
     kappa: the κ leaves in the params' flattening order (ones for excluded leaves).
-    unrepresentable: number of entries whose κ does not fit the compute dtype (inf, or 0
-      although a live path runs through them); their update is 0.
+    unrepresentable: per κ leaf, a boolean mask of the entries whose κ does not fit the
+      compute dtype (inf, or 0 although a live path runs through them); their update is 0.
+      Lazy: nothing is computed unless it is used (the optimizer does not use it).
   """
 
   log_path_sum: jax.Array
   kappa: list[jax.Array]
-  unrepresentable: jax.Array
+  unrepresentable: list[jax.Array]
 
 
 def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=None) -> Scales:
@@ -74,15 +75,15 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
     return jnp.where(positive, jnp.exp(log_kappa), 0.0)
 
   grads = iter(zip(dlog, gradient_exponents))
-  kappas, unrepresentable = [], jnp.zeros((), jnp.int32)
+  kappas, unrepresentable = [], []
   for x, inc in zip(leaves, net.included):
     if not inc:
       kappas.append(jnp.ones(jnp.shape(x), net.dtype))
+      unrepresentable.append(jnp.zeros(jnp.shape(x), bool))
       continue
     gradient, gradient_exponent = next(grads)
     kappa = kappa_of(gradient, gradient_exponent)
-    lost = ~jnp.isfinite(kappa) | ((kappa == 0) & (gradient > 0))
-    unrepresentable += jnp.sum(lost, dtype=jnp.int32)
+    unrepresentable.append(~jnp.isfinite(kappa) | ((kappa == 0) & (gradient > 0)))
     kappas.append(kappa)
   return Scales(log_g, kappas, unrepresentable)
 

@@ -27,10 +27,6 @@ class ScaleByPathNormState(NamedTuple):
 
   Attributes:
     count: number of updates made so far (int32 scalar).
-    unrepresentable: at the last κ refresh, the number of parameter entries whose κ does not
-      fit the compute dtype (overflow to inf, or underflow to 0 on a live path); their update
-      is 0. Non-zero means the network's path norm is out of float range: use
-      ``normalize=True``.
     kappa: the path scales of the last refresh, a tree like the params given to ``init``
       (float32, or float64 with x64; same shardings), kept only when ``refresh_every > 1``;
       ``None`` otherwise, so the paper's every-step rule costs no memory. Its structure is
@@ -39,7 +35,6 @@ class ScaleByPathNormState(NamedTuple):
   """
 
   count: chex.Array
-  unrepresentable: chex.Array
   kappa: Any
 
 
@@ -153,44 +148,41 @@ def scale_by_path_norm(
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
 
-  def scales_of(params) -> tuple[list, jax.Array]:
+  def scales_of(params) -> list:
     net = PathNetwork(apply_fn, params, example_input, p, mask)
     scales = compute_scales(net, params, normalize=normalize)
-    return scales.kappa, scales.unrepresentable
+    return scales.kappa
 
   def init_fn(params):
     count = jnp.zeros([], jnp.int32)
-    unrepresentable = jnp.zeros([], jnp.int32)
     if refresh_every == 1:
-      return ScaleByPathNormState(count, unrepresentable, kappa=None)
+      return ScaleByPathNormState(count, kappa=None)
     # Shapes only: the first update refreshes κ (count 0), so init never runs the network
     # and works on abstract params.
     kappa = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=_compute_dtype()), params)
-    return ScaleByPathNormState(count, unrepresentable, kappa)
+    return ScaleByPathNormState(count, kappa)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(_NO_PARAMS)
     if state.kappa is None:  # refresh_every == 1, decided when the state was made
-      kappa, unrepresentable = scales_of(params)
+      kappa = scales_of(params)
       cached = None
     else:
       cached_structure = jax.tree.structure(state.kappa)
 
       def refresh(params):
-        kappa, unrepresentable = scales_of(params)
-        kappa = map(_like, kappa, jax.tree.leaves(state.kappa))
-        return cached_structure.unflatten(list(kappa)), unrepresentable
+        kappa = map(_like, scales_of(params), jax.tree.leaves(state.kappa))
+        return cached_structure.unflatten(list(kappa))
 
-      cached, unrepresentable = jax.lax.cond(
-          state.count % refresh_every == 0, refresh,
-          lambda _: (state.kappa, state.unrepresentable), params)
+      cached = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda _: state.kappa,
+                            params)
       kappa = jax.tree.leaves(cached)
     treedef = jax.tree.structure(updates)
     updates = treedef.unflatten(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
     count = optax.safe_int32_increment(state.count)
-    return updates, ScaleByPathNormState(count, unrepresentable, cached)
+    return updates, ScaleByPathNormState(count, cached)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
