@@ -37,7 +37,12 @@ path sum ``g(v) = Σ_P Π_{e∈P} v_{π(e)}`` (a polynomial in the tied ``v``):
 
 κ^(1) is what :func:`pathsgd_jax.path_scales` returns for an RNN (autodiff through the path
 network sums over the occurrences of each shared weight), and what :func:`pathsgd_jax.path_sgd`
-divides by; the paper drops κ^(2) as empirically small. In this Elman RNN only ``W_rec`` can
+divides by; the paper drops κ^(2) as empirically small (measured with
+:mod:`pathsgd_jax.experiments.rnn` on the adding problem, T = 100: Σκ^(2)/Σκ^(1) over
+``W_rec`` is about 0.01 from a scaled Gaussian start and along training, but 0.63 at an
+identity recurrent matrix (IRNN), whose diagonal entries reach κ^(2)/κ^(1) ≈ 65: a path
+that uses an entry ``m`` times adds ``m(m-1)`` to its κ^(2) against ``m`` to its κ^(1)).
+In this Elman RNN only ``W_rec`` can
 occur twice on a path (a path starts at one source, leaves through one output, and uses one
 recurrent edge per step), so κ^(2) is zero for every other leaf.
 
@@ -55,7 +60,6 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
