@@ -4,7 +4,7 @@ Neyshabur, Salakhutdinov & Srebro, *Path-SGD: Path-Normalized Optimization in De
 Networks*, NIPS 2015.
 """
 
-from pathsgd_jax import data, init, linen, nnx
+from pathsgd_jax import data, init, linen, nnx, rnn, tasks
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._pathnet import Operation
 from pathsgd_jax._report import LeafReport, PathStructure, path_structure
@@ -30,6 +30,8 @@ __all__ = (
     "path_scales",
     "path_sgd",
     "path_structure",
+    "rnn",
     "scale_by_path_norm",
+    "tasks",
     "unbalanced_init",
 )
