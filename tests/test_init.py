@@ -280,3 +280,42 @@ def test_single_layer_has_no_hidden_units():
   assert pinit.hidden_sizes(params) == []
   out = pinit.unbalanced_init(jax.random.key(0), params)
   np.testing.assert_array_equal(out[0][0], params[0][0])
+
+
+def test_power_of_two_unbalancing_is_exact_and_path_sgd_follows_bit_for_bit():
+  import optax  # pylint: disable=g-import-not-at-top
+
+  import pathsgd_jax as psgd  # pylint: disable=g-import-not-at-top
+
+  params = pinit.balanced_init(jax.random.key(1), plain_params(jax.random.key(0),
+                                                               (12, 64, 64, 5)))
+  params = [(w, b + 0.01) for w, b in params]  # non-zero biases are rescaled too
+  scales = pinit.sample_unbalanced_scales(jax.random.key(2), [64, 64], power_of_two=True)
+  for s in scales:
+    log2 = np.log2(np.asarray(s))
+    np.testing.assert_array_equal(log2, np.round(log2))
+    assert np.abs(log2).max() >= 3  # factors of ~10 exp(z) survive the rounding
+  # Within a factor sqrt(2) of the continuous draw from the same key.
+  for exact, drawn in zip(scales, pinit.sample_unbalanced_scales(jax.random.key(2), [64, 64])):
+    ratio = np.asarray(exact) / np.asarray(drawn)
+    assert np.all(ratio <= np.sqrt(2) * (1 + 1e-6)) and np.all(ratio >= 1 / np.sqrt(2) / (1 + 1e-6))
+  unbalanced = pinit.unbalanced_init(jax.random.key(2), params, power_of_two=True)
+  assert _changed(params, unbalanced)
+  x = _x()
+  np.testing.assert_array_equal(plain_apply(params, x), plain_apply(unbalanced, x))
+
+  y = jax.nn.one_hot(jnp.arange(x.shape[0]) % 5, 5)
+  loss = lambda p: optax.softmax_cross_entropy(plain_apply(p, x), y).mean()
+  tx = psgd.path_sgd(0.05, plain_apply, x, momentum=0.9)
+
+  @jax.jit
+  def step(p, state):
+    updates, state = tx.update(jax.grad(loss)(p), state, p)
+    return optax.apply_updates(p, updates), state
+
+  a, sa, b, sb = params, tx.init(params), unbalanced, tx.init(unbalanced)
+  for _ in range(15):
+    a, sa = step(a, sa)
+    b, sb = step(b, sb)
+  np.testing.assert_array_equal(plain_apply(a, x), plain_apply(b, x))
+  assert not np.array_equal(np.asarray(plain_apply(a, x)), np.asarray(plain_apply(params, x)))

@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: sgd adagrad adam path-sgd); momentum variants use 0.9")
   p.add_argument("--init", nargs="+", choices=["balanced", "unbalanced"],
                  help="initialisations (default: balanced unbalanced)")
+  p.add_argument("--unbalance-power-of-two", action="store_true",
+                 help="round each unit's unbalancing factor to a power of two, so the "
+                      "unbalanced start is the balanced network's function exactly in "
+                      "floating point, not only up to rounding (default: the paper's "
+                      "continuous factors)")
   p.add_argument("--lr-grid", nargs="+", type=float, metavar="LR",
                  help="one learning-rate grid for every optimizer (default: per-optimizer "
                       "sub-grids, see above)")
@@ -229,7 +234,8 @@ def _paper(args: argparse.Namespace) -> int:
       lr_grids=dict(args.lr_grids) if args.lr_grids else None,
       dropout=args.dropout, seed=args.seed, val_fraction=args.val_fraction,
       select_by=args.select_by, momentum=args.momentum, train_subset=args.train_subset,
-      test_subset=args.test_subset, steps_per_call=args.steps_per_call, preset=args.preset)
+      test_subset=args.test_subset, steps_per_call=args.steps_per_call, preset=args.preset,
+      unbalance_power_of_two=args.unbalance_power_of_two)
   log = _log_fn(args.quiet)
   progress = not args.quiet and sys.stderr.isatty()
   results = paper.run_paper(cfg, progress=progress, log=log)

@@ -61,6 +61,7 @@ class PaperConfig:
   momentum: float = optim_lib.MOMENTUM
   unbalance_fraction: float = 0.25
   unbalance_factor: float = 10.0
+  unbalance_power_of_two: bool = False
   train_subset: int | None = None
   test_subset: int | None = None
   steps_per_call: int = 50
@@ -142,7 +143,8 @@ def initial_params(cfg: PaperConfig, sizes: list[int]) -> dict[str, Any]:
   out = {"balanced": balanced}
   if "unbalanced" in cfg.inits:
     out["unbalanced"] = init_lib.unbalanced_init(
-        key_unbal, balanced, fraction=cfg.unbalance_fraction, factor=cfg.unbalance_factor)
+        key_unbal, balanced, fraction=cfg.unbalance_fraction, factor=cfg.unbalance_factor,
+        power_of_two=cfg.unbalance_power_of_two)
   return out
 
 
