@@ -52,6 +52,34 @@ def test_mlp_matches_bruteforce(p, bias, jit):
     np.testing.assert_allclose(float(phi), phi_ref, rtol=RTOL32)
 
 
+@pytest.mark.parametrize("p,jit", [(1.0, False), (2.0, True), (3.0, False)])
+def test_large_dense_layers_match_gamma_reference(p, jit):
+    # Layers of >= 2^16 weights take the streamed matrix-vector path; row counts that are
+    # not multiples of its 8-row step exercise the tail.
+    widths = [301, 260, 300, 3]
+    params = mz.init_mlp(jax.random.key(4), widths, bias=True)
+    phi_ref, kap_ref = ref.mlp_gamma(mz.mlp_to_layers(params), p)
+    kappa = _scales(mz.mlp_apply, params, jnp.zeros((2, widths[0])), p, jit)
+    chex.assert_trees_all_close(kappa, mz.mlp_kappa_tree(kap_ref), rtol=1e-4, atol=0)
+    np.testing.assert_allclose(float(_norm(mz.mlp_apply, params, jnp.zeros((2, widths[0])),
+                                           p, jit)), phi_ref, rtol=1e-4)
+
+
+def test_fused_and_blocked_powered_products_agree_with_float64():
+    # The CPU runs the blocked products; GPUs and TPUs the fused reductions: check both here.
+    from pathsgd_jax import _pathnet as pn  # pylint: disable=g-import-not-at-top
+    w = jax.random.normal(jax.random.key(0), (301, 260))
+    v_in = jax.random.uniform(jax.random.key(1), (301,))
+    v_out = jax.random.uniform(jax.random.key(2), (260,))
+    w64, in64, out64 = (np.asarray(a, np.float64) for a in (w, v_in, v_out))
+    for p in (1.0, 2.0, 3.0):
+        powered = np.abs(w64) ** p
+        for fn in (pn._fused_vector_matrix, pn._blocked_vector_matrix):
+            np.testing.assert_allclose(fn(v_in, w, p), in64 @ powered, rtol=1e-5)
+        for fn in (pn._fused_matrix_vector, pn._blocked_matrix_vector):
+            np.testing.assert_allclose(fn(w, v_out, p), powered @ out64, rtol=1e-5)
+
+
 # No shrinking: every example traces the library afresh (slow); failures print the example.
 @settings(max_examples=3, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(widths=st.lists(st.integers(1, 4), min_size=2, max_size=4),
