@@ -160,6 +160,20 @@ def make_step(apply: Callable, tx: optax.GradientTransformation) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+class _WeightReader:
+  """Reads every weight matrix once per call (``number`` times): κ's bandwidth floor."""
+
+  def __init__(self, params, number):
+    weights = [leaf for leaf in jax.tree.leaves(params) if np.ndim(leaf) >= 2]
+    self.read = jax.jit(lambda ws: sum(jnp.sum(jnp.square(w)) for w in ws))
+    self.weights, self.number = weights, number
+
+  def __call__(self):
+    for _ in range(self.number):
+      out = self.read(self.weights)
+    jax.block_until_ready(out)
+
+
 class _Stepper:
   """Holds one variant's state and runs ``number`` steps per call."""
 
@@ -191,9 +205,11 @@ def bench_network(net: Network, *, refresh: Sequence[int] = (1, 10), repeats: in
                   "opt_state_bytes": int(sum(np.asarray(l).nbytes
                                              for l in jax.tree.leaves(opt_state)))}
     steppers[name] = _Stepper(compiled, params, opt_state, net.x, net.y, number)
+  steppers[_READ] = _WeightReader(net.params, number)
   log(f"[bench] {net.description}: {net.num_params:,} parameters; timing {len(steppers)} "
       f"variants x {repeats} repeats x {number} steps (interleaved, {warmup} warm-up)")
   timings = time_interleaved(steppers, repeats=repeats, warmup=warmup, number=number)
+  read = timings.pop(_READ)
   base = timings["sgd"]["median_s"]
   base_mem = info["sgd"]["memory"].get("peak_estimate")
   for name in variants:
@@ -206,14 +222,18 @@ def bench_network(net: Network, *, refresh: Sequence[int] = (1, 10), repeats: in
     info[name]["ratio_to_sgd_min"] = timings[name]["min_s"] / timings["sgd"]["min_s"]
     peak = info[name]["memory"].get("peak_estimate")
     info[name]["memory_ratio_to_sgd"] = (peak / base_mem) if peak and base_mem else None
+  # The path network reads each weight matrix twice (its forward and backward pass), on top
+  # of the training step: a floor for κ every step, whatever the implementation.
+  floor = {"weight_read_median_s": read["median_s"],
+           "ratio_floor": 1.0 + 2.0 * read["median_s"] / base}
   return {"description": net.description, "num_params": net.num_params,
           "batch": int(net.x.shape[0]), "number": number, "repeats": repeats,
-          "warmup": warmup, "variants": info}
+          "warmup": warmup, "variants": info, "kappa_bandwidth_floor": floor}
 
 
 def format_bench(results: dict) -> str:
-  """The summary table of a bench results dict."""
-  rows = []
+  """The summary table of a bench results dict, and κ's bandwidth floor per network."""
+  rows, notes = [], []
   for net_name, net in results["networks"].items():
     for name, v in net["variants"].items():
       mem = v["memory"]
@@ -225,9 +245,15 @@ def format_bench(results: dict) -> str:
                    _mib(mem.get("argument_size")),
                    "-" if v["memory_ratio_to_sgd"] is None else f"{v['memory_ratio_to_sgd']:.3f}",
                    f"{v['compile_time_s']:.1f}"])
-  return common.table(["network", "optimizer", "median ms", "IQR ms", "min ms", "t/sgd",
+    floor = net.get("kappa_bandwidth_floor")
+    if floor:
+      notes.append(f"{net_name}: one read of all weight matrices takes "
+                   f"{floor['weight_read_median_s'] * 1e3:.2f} ms; the path network reads them "
+                   f"twice, so κ at every step costs at least {floor['ratio_floor']:.3f}x SGD "
+                   "unless those reads are shared with the training step.")
+  return "\n".join([common.table(["network", "optimizer", "median ms", "IQR ms", "min ms", "t/sgd",
                        "t/sgd paired", "t/sgd min", "peak MiB est.", "temp MiB", "args MiB",
-                       "mem/sgd", "compile s"], rows)
+                       "mem/sgd", "compile s"], rows)] + notes)
 
 
 def _mib(b: int | None) -> str:
@@ -261,6 +287,9 @@ def plot_bench(results: dict):
   fig.suptitle(f"path_sgd vs optax on {results['environment']['jax_backend']} "
                f"({', '.join(results['environment']['devices'][:1])})", fontsize=10)
   return fig
+
+
+_READ = "weight read"
 
 
 @dataclasses.dataclass
