@@ -89,9 +89,13 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
 
 
 def _log_mantissa(mantissa, exponent, gradient_exponents=()):
-  """log m, with log 0 = -inf and a zero gradient there (no live path); the rest as aux."""
+  """log m, with log 0 = -inf and a zero gradient there (no live path); the rest as aux.
+
+  A NaN mantissa (a NaN parameter) stays NaN rather than reading as "no path".
+  """
   live = mantissa > 0
   log_m = jnp.where(live, jnp.log(jnp.where(live, mantissa, 1)), -jnp.inf)
+  log_m = jnp.where(jnp.isnan(mantissa), mantissa, log_m)
   return log_m, (lax.stop_gradient(mantissa), exponent, gradient_exponents)
 
 

@@ -203,3 +203,16 @@ def test_large_dense_layers_match_reference(p):
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   for u, ref in zip(updates, log_kappa):
     np.testing.assert_allclose(np.asarray(u["w"]), -0.5 / np.exp(ref["w"]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_nan_parameter_gives_nan_path_norm_and_scales_not_zero(normalize):
+  params = as_dtype(make_mlp(3, 8), jnp.float32)
+  x = jnp.zeros((1, 8))
+  leaves, treedef = jax.tree.flatten(params)
+  leaves[1] = leaves[1].at[(0,) * leaves[1].ndim].set(jnp.nan)
+  bad = jax.tree.unflatten(treedef, leaves)
+  assert np.isfinite(float(psgd.path_norm(mlp, params, x)))
+  assert np.isnan(float(psgd.path_norm(mlp, bad, x)))
+  kappa = psgd.path_scales(mlp, bad, x, normalize=normalize)
+  assert any(np.isnan(np.asarray(k)).any() for k in jax.tree.leaves(kappa))
