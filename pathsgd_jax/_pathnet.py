@@ -171,14 +171,30 @@ def _concrete(x) -> np.ndarray | None:
     return None
 
 
-def _subjaxpr(eqn) -> tuple[jex_core.Jaxpr, Sequence[Any]]:
+def _open(inner) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
+  """(jaxpr, consts) of a closed jaxpr, or of a plain one (newer JAX keeps no consts)."""
+  if isinstance(inner, jex_core.ClosedJaxpr):
+    return inner.jaxpr, inner.consts
+  if isinstance(inner, jex_core.Jaxpr):
+    return inner, ()
+  return None
+
+
+def _subjaxpr(eqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    inner = eqn.params.get(key)
-    if isinstance(inner, jex_core.ClosedJaxpr):
-      return inner.jaxpr, inner.consts
-    if isinstance(inner, jex_core.Jaxpr):
-      return inner, ()
-  raise self.unsupported(eqn, "it calls a sub-computation this interpreter cannot open")
+    opened = _open(eqn.params.get(key))
+    if opened is not None:
+      return opened
+  return None
+
+
+def _scan_layout(params) -> tuple[int, int]:
+  """(number of consts, number of carries) of a scan, across JAX versions."""
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  # JAX >= 0.11: a flat tree of the operands in three groups (consts, carry, xs).
+  consts, carry, _ = params["ft_in"].unpack()
+  return len(list(consts.vals)), len(list(carry.vals))
 
 
 def _float_layout(dtype):
@@ -447,7 +463,10 @@ class PathInterpreter:
           "be deterministic. Build `apply_fn` in inference mode (e.g. dropout with "
           "deterministic=True / train=False, or model.eval() for NNX).")
     if name in _CALLS:
-      inner, inner_consts = _subjaxpr(eqn)
+      opened = _subjaxpr(eqn)
+      if opened is None:
+        raise self.unsupported(eqn, "it calls a sub-computation this interpreter cannot open")
+      inner, inner_consts = opened
       self.callers.append(eqn)
       try:
         return self.run(inner, [_Val(Kind.CONST, c) for c in inner_consts], invals)
@@ -694,7 +713,8 @@ class PathInterpreter:
       raise self.unsupported(eqn, "the branch taken depends on the input or the parameters, or is "
                          "not known at compile time")
     branch = eqn.params["branches"][int(c)]
-    return self.run(branch.jaxpr, [_Val(Kind.CONST, k) for k in branch.consts], invals[1:])
+    branch_jaxpr, branch_consts = _open(branch)
+    return self.run(branch_jaxpr, [_Val(Kind.CONST, k) for k in branch_consts], invals[1:])
 
   def _scan(self, eqn, invals):
     """A scan (an RNN over time, a stack of layers) with powered values in the carry.
@@ -703,12 +723,12 @@ class PathInterpreter:
     one step), so kinds are iterated to a fixed point before the real loop runs.
     """
     params = eqn.params
-    body = params["jaxpr"]
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    body, body_consts = _open(params["jaxpr"])
+    n_consts, n_carry = _scan_layout(params)
     consts = invals[:n_consts]
     init = invals[n_consts:n_consts + n_carry]
     xs = invals[n_consts + n_carry:]
-    body_consts = [_Val(Kind.CONST, c) for c in body.consts]
+    body_consts = [_Val(Kind.CONST, c) for c in body_consts]
     leaves = frozenset().union(*(v.leaves for v in invals))
     carry_kinds = [v.kind for v in init]
     record = self.record
@@ -733,7 +753,7 @@ class PathInterpreter:
       x_vals = [_Val(v.kind, xi, v.leaves, v.log_scale) for v, xi in zip(xs, x)]
       self.loop_depth += 1
       try:
-        outs = self.run(body.jaxpr, body_consts, list(consts) + carry_vals + x_vals)
+        outs = self.run(body, body_consts, list(consts) + carry_vals + x_vals)
       finally:
         self.loop_depth -= 1
       y_kinds_out[:] = [o.kind for o in outs[n_carry:]]
