@@ -232,34 +232,34 @@ def times_pow2(value, exponent) -> jax.Array:
 
 
 _MATVEC_MIN_SIZE = 1 << 16
-_MATVEC_BLOCK_BYTES = 1 << 20
+_ROWS_PER_STEP = 16
 
 
-def _row_blocks(rows: int, cols: int, itemsize: int) -> list[tuple[int, int]]:
-  size = max(1, _MATVEC_BLOCK_BYTES // max(1, cols * itemsize))
-  return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+def _streamed_vector_matrix(vector, weight, p):
+  """vector @ |W|^p on the CPU: a loop adding 16 powered rows at a time to the result.
 
+  XLA:CPU reduces a leading axis column by column (strided) and its vector-matrix product
+  needs |W|^p stored; this loop reads each row once, contiguously, and keeps the 1-row
+  accumulator in cache (in the paper's MLP, about 3x faster than either).
+  """
+  rows, cols = weight.shape
+  steps = rows // _ROWS_PER_STEP
 
-def _powered_block(weight, start, stop, p, dtype):
-  return power(jnp.abs(weight[start:stop].astype(dtype)), p)
+  def add_rows(block_vector, block, total):
+    block = power(jnp.abs(block.astype(vector.dtype)), p)
+    terms = [block_vector[r] * block[r] for r in range(block.shape[0])]
+    return total + sum(terms[1:], terms[0])
 
+  def body(step, total):
+    first = step * _ROWS_PER_STEP
+    return add_rows(lax.dynamic_slice_in_dim(vector, first, _ROWS_PER_STEP),
+                    lax.dynamic_slice_in_dim(weight, first, _ROWS_PER_STEP), total)
 
-def _blocked_vector_matrix(vector, weight, p):
-  """vector @ |W|^p in row blocks of about 1 MiB (CPU: each |W_block|^p stays in cache)."""
-  total = None
-  for start, stop in _row_blocks(*weight.shape, weight.dtype.itemsize):
-    part = jnp.dot(vector[start:stop], _powered_block(weight, start, stop, p, vector.dtype),
-                   precision=lax.Precision.HIGHEST)
-    total = part if total is None else total + part
+  total = lax.fori_loop(0, steps, body, jnp.zeros((cols,), vector.dtype))
+  tail = steps * _ROWS_PER_STEP
+  if tail < rows:
+    total = add_rows(vector[tail:], weight[tail:], total)
   return total
-
-
-def _blocked_matrix_vector(weight, vector, p):
-  """|W|^p @ vector in row blocks (CPU)."""
-  return jnp.concatenate([
-      jnp.dot(_powered_block(weight, start, stop, p, vector.dtype), vector,
-              precision=lax.Precision.HIGHEST)
-      for start, stop in _row_blocks(*weight.shape, weight.dtype.itemsize)])
 
 
 def _fused_vector_matrix(vector, weight, p):
@@ -268,6 +268,10 @@ def _fused_vector_matrix(vector, weight, p):
 
 
 def _fused_matrix_vector(weight, vector, p):
+  """|W|^p @ vector as one fused reduction along rows, on every backend."""
+  # The barrier keeps XLA:CPU from fusing the broadcast of `vector` into its producer, which
+  # would store a W-sized array; the reduction then streams W once (about 6x faster).
+  vector = lax.optimization_barrier(vector)
   return jnp.sum(power(jnp.abs(weight.astype(vector.dtype)), p) * vector[None, :], axis=1)
 
 
@@ -276,15 +280,14 @@ def _powered_matvec(x, weight, delta, p):
   """x @ (|W|^p + δ) for one example, with δ = 0, never storing |W|^p.
 
   On the paper's 4000×4000 layers a materialised |W|^p would cost a write and two reads of
-  64 MB per step. On the CPU the product runs in row blocks that stay in cache (XLA:CPU
-  reduces a leading axis column by column, far slower); elsewhere it is one fused reduction
-  (a loop over blocks would be many small kernel launches). The cotangent of δ, the κ of W,
+  64 MB per step. On the CPU the product streams rows in a loop; elsewhere it is one fused
+  reduction (a loop would be many small kernel launches). The cotangent of δ, the κ of W,
   is the outer product x ⊗ ct, left for XLA to fuse into the update. ``δ`` is structurally
   zero (it only carries the derivative), so it is not read.
   """
   del delta
   total = lax.platform_dependent(
-      x.reshape(-1), weight, cpu=lambda v, w: _blocked_vector_matrix(v, w, p),
+      x.reshape(-1), weight, cpu=lambda v, w: _streamed_vector_matrix(v, w, p),
       default=lambda v, w: _fused_vector_matrix(v, w, p))
   return total.reshape(*x.shape[:-1], weight.shape[1])
 
@@ -296,9 +299,7 @@ def _powered_matvec_fwd(x, weight, delta, p):
 def _powered_matvec_bwd(p, residuals, cotangent):
   x, weight = residuals
   ct = cotangent.reshape(-1)
-  x_bar = lax.platform_dependent(
-      weight, ct, cpu=lambda w, c: _blocked_matrix_vector(w, c, p),
-      default=lambda w, c: _fused_matrix_vector(w, c, p))
+  x_bar = _fused_matrix_vector(weight, ct, p)
   delta_bar = x.reshape(-1)[:, None] * ct[None, :]
   return x_bar.reshape(x.shape), jnp.zeros_like(weight), delta_bar
 
