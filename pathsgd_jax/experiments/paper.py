@@ -61,7 +61,7 @@ class PaperConfig:
   momentum: float = optim_lib.MOMENTUM
   unbalance_fraction: float = 0.25
   unbalance_factor: float = 10.0
-  unbalance_power_of_two: bool = False
+  unbalance_power_of_two: bool = True  # Exact rescaling; False: the paper's factors.
   train_subset: int | None = None
   test_subset: int | None = None
   steps_per_call: int = 50
