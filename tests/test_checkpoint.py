@@ -211,3 +211,63 @@ def test_checkpoint_without_cache_restored_into_optimizer_with_cache_is_refused(
     state = tx1.init(params)
     msg = _restore_error(tmp_path, params, state, params, NS["make_tx"](WIDTHS, refresh_every=3))
     assert "structure" in msg.lower() and "kappa" in msg, msg
+
+
+# ----------------------------------------------------------------- pathsgd_jax.checkpoint
+
+
+def test_library_save_restore_round_trip_and_continue_bitwise(trained, tmp_path):
+    tx, (p7, s7), (p27, s27) = trained
+    psgd.checkpoint.save(tmp_path / "c", p7, s7)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), p7)
+    params, state = psgd.checkpoint.restore(tmp_path / "c", params=abstract, tx=tx)
+    assert type(state) is type(s7) and isinstance(state[0], psgd.ScaleByPathNormState)
+    params, state = NS["train"](params, state, NS["make_step"](tx), WIDTHS, 7, 27)
+    chex.assert_trees_all_equal((params, state), (p27, s27))
+
+
+def _library_error(tmp_path, p7, s7, params, tx):
+    psgd.checkpoint.save(tmp_path / "c", p7, s7)
+    with pytest.raises(psgd.checkpoint.CheckpointMismatchError) as info:
+        psgd.checkpoint.restore(tmp_path / "c", params=params, tx=tx)
+    return str(info.value)
+
+
+def test_library_restore_names_leaves_of_another_model(trained, tmp_path):
+    _, (p7, s7), _ = trained
+    widths = (4, 9, 6, 3)
+    msg = _library_error(tmp_path, p7, s7, NS["init_params"](widths), NS["make_tx"](widths))
+    assert "params.l0.w: checkpoint (4, 8) float32, expected (4, 9) float32" in msg, msg
+    assert "opt_state.0.kappa.l1.w" in msg and "and 1 more" in msg and "another model" in msg, msg
+
+
+def test_library_restore_names_leaves_of_a_deeper_model(trained, tmp_path):
+    _, (p7, s7), _ = trained
+    widths = (4, 8, 6, 6, 3)
+    msg = _library_error(tmp_path, p7, s7, NS["init_params"](widths), NS["make_tx"](widths))
+    assert "lacks (" in msg and "params.l3.w" in msg and "another model" in msg, msg
+
+
+@pytest.mark.parametrize("config,needle,hint", [
+    (dict(refresh_every=1), "opt_state.0.kappa.l0.w", "refresh_every=1, does not keep"),
+    (dict(momentum=None), "opt_state.1.trace.l0.w", "momentum differs"),
+])
+def test_library_restore_explains_another_optimizer_configuration(trained, tmp_path, config,
+                                                                   needle, hint):
+    _, (p7, s7), _ = trained
+    msg = _library_error(tmp_path, p7, s7, p7, NS["make_tx"](WIDTHS, **config))
+    assert needle in msg and hint in msg, msg
+    assert "params." not in msg, msg
+
+
+def test_library_restore_explains_a_missing_cache(tmp_path):
+    params = NS["init_params"](WIDTHS)
+    tx1 = NS["make_tx"](WIDTHS, refresh_every=1)
+    msg = _library_error(tmp_path, params, tx1.init(params), params, NS["make_tx"](WIDTHS))
+    assert "opt_state.0.kappa.l0.w" in msg and "written with refresh_every=1" in msg, msg
+
+
+def test_library_restore_of_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
+        psgd.checkpoint.restore(tmp_path / "nothing", params=NS["init_params"](WIDTHS),
+                                tx=NS["make_tx"](WIDTHS))
