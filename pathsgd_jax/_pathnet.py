@@ -557,7 +557,8 @@ class PathInterpreter:
       (val,) = invals
       return result(val.value)
 
-    if name in _SHARDING and kind == Kind.ACT:
+    if kind == Kind.ACT and (name in _SHARDING or (
+        name in ("reshard", "mesh_cast") and _on_stand_in_mesh(eqn.params.get("dst_sharding")))):
       # Placement only; the single example of the path network cannot follow a batch layout.
       return result(invals[0].value)
 
@@ -930,10 +931,43 @@ def _single_example(x):
   return jax.ShapeDtypeStruct((1, *shape[1:]), jnp.result_type(x))
 
 
+_STAND_IN_AXIS = "_path_network"
+
+
+def _stand_in_mesh():
+  """The context mesh with every axis of size 1 (plus one axis holding its devices), or None.
+
+  A network that reshards its activations to a batch layout, as Explicit-mode sharding is
+  written, cannot be traced on the path network's one example over the real mesh (a batch
+  of 1 does not split); over this mesh it can, and those reshards are then dropped (see
+  `_on_stand_in_mesh`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  return jax.sharding.AbstractMesh(
+      (1,) * len(mesh.axis_names) + (math.prod(mesh.axis_sizes),),
+      tuple(mesh.axis_names) + (_STAND_IN_AXIS,),
+      axis_types=tuple(mesh.axis_types) + (jax.sharding.AxisType.Explicit,))
+
+
+def _on_stand_in_mesh(sharding) -> bool:
+  return _STAND_IN_AXIS in getattr(getattr(sharding, "mesh", None), "axis_names", ())
+
+
 def _trace(apply_fn, treedef, abstract_params, input_struct, leaf_names):
   params = jax.tree_util.tree_unflatten(treedef, abstract_params)
   try:
-    return jax.make_jaxpr(apply_fn)(params, input_struct)
+    try:
+      return jax.make_jaxpr(apply_fn)(params, input_struct)
+    except PathNetworkError:
+      raise
+    except Exception:  # pylint: disable=broad-except
+      stand_in = _stand_in_mesh()
+      if stand_in is None:
+        raise
+      with jax.sharding.use_abstract_mesh(stand_in):
+        return jax.make_jaxpr(apply_fn)(params, input_struct)
   except PathNetworkError:
     raise
   except Exception as error:  # the user's code failed: say where it was called from
