@@ -958,28 +958,30 @@ def _on_stand_in_mesh(sharding) -> bool:
 def _trace(apply_fn, treedef, abstract_params, input_struct, leaf_names):
   params = jax.tree_util.tree_unflatten(treedef, abstract_params)
   try:
+    return jax.make_jaxpr(apply_fn)(params, input_struct)
+  except PathNetworkError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    failure = error
+  stand_in = _stand_in_mesh()
+  if stand_in is not None:
     try:
-      return jax.make_jaxpr(apply_fn)(params, input_struct)
+      with jax.sharding.use_abstract_mesh(stand_in):
+        return jax.make_jaxpr(apply_fn)(params, input_struct)
     except PathNetworkError:
       raise
     except Exception:  # pylint: disable=broad-except
-      stand_in = _stand_in_mesh()
-      if stand_in is None:
-        raise
-      with jax.sharding.use_abstract_mesh(stand_in):
-        return jax.make_jaxpr(apply_fn)(params, input_struct)
-  except PathNetworkError:
-    raise
-  except Exception as error:  # the user's code failed: say where it was called from
-    shapes = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in zip(leaf_names,
-                                                                          abstract_params))
-    raise PathNetworkError(
-        f"apply_fn(params, x) failed when traced with the optimizer's params and a single "
-        f"example of shape {jax.tree.map(lambda s: tuple(s.shape), input_struct)}: "
-        f"{type(error).__name__}: {error}\nParams seen: {shapes}.\nCheck that apply_fn takes "
-        "exactly the tree the optimizer is given (for Flax, use pathsgd_jax.linen.apply_fn / "
-        "pathsgd_jax.nnx.apply_fn) and that example_input has the real input shape with a "
-        "leading batch axis.") from error
+      pass  # not a batch layout problem: report the first failure
+  # The user's code failed: say where it was called from.
+  shapes = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in zip(leaf_names,
+                                                                        abstract_params))
+  raise PathNetworkError(
+      f"apply_fn(params, x) failed when traced with the optimizer's params and a single "
+      f"example of shape {jax.tree.map(lambda s: tuple(s.shape), input_struct)}: "
+      f"{type(failure).__name__}: {failure}\nParams seen: {shapes}.\nCheck that apply_fn "
+      "takes exactly the tree the optimizer is given (for Flax, use pathsgd_jax.linen.apply_fn "
+      "/ pathsgd_jax.nnx.apply_fn) and that example_input has the real input shape with a "
+      "leading batch axis.") from failure
 
 
 def _check_no_masked_nodes(params):

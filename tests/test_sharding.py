@@ -288,3 +288,19 @@ def test_large_layers_streamed_path_products_under_sharding(layout):
     assert_same_sharding(kernels(state[0].kappa), kernels(sharded), "kappa")
     for a, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=0)
+
+
+def test_explicit_mesh_reports_the_users_own_error_not_the_stand_in_trace():
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+    def wrong_widths(params, x):
+        return x @ params["l1"]["w"]  # (n, 8) @ (16, 16): a plain shape error
+
+    with jax.set_mesh(mesh):
+        params = shard(init_params(), mesh, LAYOUTS["tp"])
+        x0 = jax.device_put(batch(0)[0], NamedSharding(mesh, P("data", None)))
+        with pytest.raises(psgd.PathNetworkError, match="failed when traced") as info:
+            psgd.path_scales(wrong_widths, params, x0)
+    message = str(info.value)
+    assert "dot_general" in message or "contracting" in message, message
+    assert "_path_network" not in message, message
