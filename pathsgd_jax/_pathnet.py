@@ -99,7 +99,8 @@ _LINEAR = frozenset({
 })
 _ADDITIVE = frozenset({"add", "add_any", "sub"})
 # GSPMD placement hints, dropped on activations: the path network's single example cannot
-# follow a batch layout. (Explicit-mode `reshard` changes types and is kept.)
+# follow a batch layout. (Explicit-mode `reshard` changes types and is kept, except where
+# the network was traced over the stand-in mesh of `_stand_in_mesh`.)
 _SHARDING = frozenset({"sharding_constraint"})
 _IDENTITY = frozenset({"neg", "convert_element_type", "reduce_precision"})
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
@@ -942,8 +943,9 @@ def _stand_in_mesh():
   of 1 does not split); over this mesh it can, and those reshards are then dropped (see
   `_on_stand_in_mesh`).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)  # JAX without explicit sharding
+  mesh = get_mesh() if get_mesh is not None else None
+  if mesh is None or mesh.empty:
     return None
   return jax.sharding.AbstractMesh(
       (1,) * len(mesh.axis_names) + (math.prod(mesh.axis_sizes),),

@@ -39,10 +39,10 @@ LAYOUTS = {
 mlp = named_mlp
 
 
-def init_params(seed=0):
-    keys = jax.random.split(jax.random.key(seed), 2 * (len(WIDTHS) - 1))
+def init_params(seed=0, widths=WIDTHS):
+    keys = jax.random.split(jax.random.key(seed), 2 * (len(widths) - 1))
     params = {}
-    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         params[f"l{i}"] = {"w": jax.random.normal(keys[2 * i], (a, b)) / math.sqrt(a),
                            "b": 0.1 * jax.random.normal(keys[2 * i + 1], (b,))}
     return params
@@ -268,11 +268,7 @@ def test_explicit_mesh_with_batch_sharded_activations():
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_large_layers_streamed_path_products_under_sharding(layout):
     # Layers of >= 2^16 weights take the streamed matrix-vector path of the path network.
-    widths = (8, 264, 256, 4)
-    keys = jax.random.split(jax.random.key(3), len(widths) - 1)
-    params = {f"l{i}": {"w": jax.random.normal(k, (a, b)) / math.sqrt(a),
-                        "b": jnp.full((b,), 0.1)}
-              for i, (k, a, b) in enumerate(zip(keys, widths[:-1], widths[1:]))}
+    params = init_params(seed=3, widths=(8, 264, 256, 4))
     assert params["l1"]["w"].size >= 1 << 16
     x, y = batch(0)
     tx = psgd.path_sgd(0.01, mlp, x, momentum=0.9, refresh_every=2)
