@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.shard_alike import shard_alike
 
 from pathsgd_jax._pathnet import PathNetwork, check_p, power, power_leaf, times_pow2
 
@@ -82,7 +83,9 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
       unrepresentable.append(jnp.zeros(jnp.shape(x), bool))
       continue
     gradient, gradient_exponent = next(grads)
-    kappa = kappa_of(gradient, gradient_exponent)
+    # Without a hint, GSPMD may lay κ out unlike its parameter (replicated, or sharded like
+    # the row sums it comes from) when the caller does not constrain it.
+    kappa, _ = shard_alike(kappa_of(gradient, gradient_exponent), x)
     unrepresentable.append(~jnp.isfinite(kappa) | ((kappa == 0) & (gradient > 0)))
     kappas.append(kappa)
   return Scales(log_g, kappas, unrepresentable)

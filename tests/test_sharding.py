@@ -127,19 +127,19 @@ def test_sharded_trajectory_matches_single_device(layout, refresh_every):
     assert_close(state[1].trace, ref_state[1].trace, atol=1e-5)
     assert int(state[0].count) == STEPS
 
-    # Sharded leaves stay sharded the same way: params, momentum trace, cached κ. (For
-    # replicated leaves GSPMD is free to pick any layout for the outputs.)
+    # Sharded leaves stay sharded the same way: params and momentum trace (for replicated
+    # leaves GSPMD is free to pick any layout for the step's outputs). The cached κ keeps
+    # every parameter's layout, replicated ones included.
     sharded = {i for i, leaf in enumerate(jax.tree.leaves(params))
                if not is_replicated(leaf.sharding)}
     assert sharded, "the layout shards nothing"
-    kept = [jax.tree.leaves(final), jax.tree.leaves(state[1].trace)]
-    if refresh_every > 1:
-        kept.append(jax.tree.leaves(state[0].kappa))
-    for leaves in kept:
+    for leaves in [jax.tree.leaves(final), jax.tree.leaves(state[1].trace)]:
         for i in sharded:
             expected = jax.tree.leaves(params)[i]
             assert leaves[i].sharding.is_equivalent_to(expected.sharding, expected.ndim), (
                 i, leaves[i].sharding, expected.sharding)
+    if refresh_every > 1:
+        assert_same_sharding(state[0].kappa, params, "cached kappa")
 
 
 @pytest.mark.parametrize("layout", ["fsdp_tp"])
@@ -155,10 +155,6 @@ def test_sharded_kappa_equals_single_device_kappa(layout):
     assert_same_sharding(out, params, "kappa")
 
 
-@pytest.mark.xfail(strict=True, reason="standalone jitted path_scales leaves κ's layout to "
-                   "GSPMD, which replicates it (tp: l0) or transposes it (fsdp: P(None, 'data') "
-                   "for a P('data', None) kernel); the library puts no sharding constraint on κ "
-                   "(reported)")
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_standalone_kappa_keeps_param_sharding(layout):
     mesh = auto_mesh()
@@ -278,10 +274,8 @@ def test_large_layers_streamed_path_products_under_sharding(layout):
     mesh = auto_mesh()
     sharded = shard(params, mesh, LAYOUTS[layout])
     updates, state = step(shard(grads, mesh, LAYOUTS[layout]), tx.init(sharded), sharded)
-    # Kernels keep their layout. (GSPMD may hand a replicated bias's cached κ the sharding
-    # of the row sums it comes from: a layout change once, then stable; not asserted.)
-    kernels = lambda tree: {k: v["w"] for k, v in tree.items()}
-    assert_same_sharding(kernels(state[0].kappa), kernels(sharded), "kappa")
+    # Every cached κ keeps its parameter's layout, replicated biases included.
+    assert_same_sharding(state[0].kappa, sharded, "kappa")
     for a, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=0)
 
