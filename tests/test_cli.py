@@ -150,11 +150,32 @@ def test_depth_and_rnn_subcommands(tmp_path):
   """The depth and rnn experiments are reachable through the console script's parser."""
   from pathsgd_jax.experiments import cli  # pylint: disable=g-import-not-at-top
 
-  assert cli.main(["depth", "--depths", "2", "3", "--steps", "3", "--width", "8",
-                   "--out", str(tmp_path / "depth")]) == 0
+  assert cli.main(["depth", "--depths", "2", "3", "--steps", "40", "--width", "8",
+                   "--learning-rates", "1e-2", "--sgd-learning-rates", "0.5",
+                   "--trains-below", "0.9", "--out", str(tmp_path / "depth"), "--quiet"]) == 0
+  assert (tmp_path / "depth" / "depth.png").exists()
   with open(tmp_path / "depth" / "results.json", encoding="utf-8") as f:
-    results = json.load(f)["results"]
-  assert {r["depth"] for r in results.values()} == {2, 3}
+    results = json.load(f)
+  runs = {(r["optimizer"], r["depth"]): r for r in results["runs"]}
+  assert set(runs) == {(o, d) for o in ("sgd", "path-sgd normalize", "path-sgd raw")
+                       for d in (2, 3)}
+  # The raw grid is the normalised one times φ²(θ₀) of the shallowest net: same first step.
+  phi2 = 2.0 ** results["networks"]["2"]["log2_path_norm_squared"]
+  assert results["grids"]["path-sgd raw"][0] == pytest.approx(1e-2 * phi2)
+  assert runs["path-sgd raw", 2]["first_relative_step"] == pytest.approx(
+      runs["path-sgd normalize", 2]["first_relative_step"], rel=1e-4)
+  for run in results["runs"]:
+    start = results["networks"][str(run["depth"])]["loss_at_start"]
+    assert run["relative_loss"] == pytest.approx(run["final_train_loss"] / start)
+    assert run["trains"] == (run["relative_loss"] <= 0.9)
+  every = {name: [r["learning_rate"] for r in results["runs"] if r["optimizer"] == name]
+           for name in ("sgd", "path-sgd normalize", "path-sgd raw")}
+  expected = {name: [lr for lr in set(lrs) if all(
+      r["trains"] for r in results["runs"] if r["optimizer"] == name and
+      r["learning_rate"] == lr)] for name, lrs in every.items()}
+  assert results["learning_rates_training_every_depth"] == expected
+  assert results["learning_rates_training_every_depth"]["path-sgd normalize"] == [1e-2]
+  assert cli.main(["depth", "--depths", "1", "--out", str(tmp_path / "bad")]) == 2
   assert cli.main(["rnn", "--task", "mnist-row", "--hidden", "8", "--batch-size", "32",
                    "--steps", "10", "--eval-every", "10", "--steps-per-call", "10",
                    "--lr-grid", "0.01", "--optimizers", "path-sgd",
