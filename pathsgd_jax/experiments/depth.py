@@ -198,14 +198,14 @@ def run_depth(cfg: DepthConfig, log=print) -> dict:
             f"train loss {final:.4g} ({relative:.3f} of start)")
   if bar is not None:
     bar.close()
-  summary = _summary(runs, cfg.depths, grids)
-  table = format_depth(runs, networks, cfg, summary)
-  log("\n" + table)
   output = {"config": dataclasses.asdict(cfg), "grids": grids,
             "networks": {str(d): {k: v for k, v in n.items() if k != "params"}
                          for d, n in networks.items()},
-            "runs": runs, "learning_rates_training_every_depth": summary, "table": table,
+            "runs": runs,
+            "learning_rates_training_every_depth": _summary(runs, cfg.depths, grids),
             "environment": common.environment()}
+  output["table"] = format_depth(output)
+  log("\n" + output["table"])
   os.makedirs(cfg.out, exist_ok=True)
   common.write_json(os.path.join(cfg.out, "results.json"), output)
   from pathsgd_jax.experiments import plotting  # pylint: disable=g-import-not-at-top
@@ -220,19 +220,31 @@ def _summary(runs, depths, grids) -> dict[str, list[float]]:
           for name, lrs in grids.items()}
 
 
-def format_depth(runs, networks, cfg: DepthConfig, summary) -> str:
-  """The printed table: loss after training relative to the start, per depth and run."""
-  rows = [[r["optimizer"], f"{r['learning_rate']:.3g}", r["depth"],
-           common.fmt(networks[r["depth"]]["log2_path_norm_squared"], ".1f"),
-           common.fmt(r["first_relative_step"], ".2g"), common.fmt(r["final_train_loss"]),
-           common.fmt(r["relative_loss"], ".3f"), "yes" if r["trains"] else "no"]
-          for r in runs]
-  lines = [common.table(["optimizer", "lr", "depth", "log2 φ₂²", "‖Δθ‖/‖θ‖ step 1",
-                         "train loss", "of start", "trains"], rows), "",
-           f"{cfg.steps} steps, batch {cfg.batch_size}, width {cfg.width}, {cfg.dataset}; "
-           f"a run trains when its final loss is at most {cfg.trains_below:g} of the loss at "
-           "start. Learning rates that train every depth:"]
-  for name, lrs in summary.items():
+def format_depth(results: dict) -> str:
+  """The printed table (from a results dict): final training loss per learning rate and depth.
+
+  Each cell is the loss after training, then its ratio to the loss at start; ``*`` marks the
+  runs that train.
+  """
+  cfg = results["config"]
+  depths = cfg["depths"]
+  cells = {(r["optimizer"], r["learning_rate"], r["depth"]): r for r in results["runs"]}
+  rows = [["log2 φ₂² at start", ""] + [
+      common.fmt(results["networks"][str(d)]["log2_path_norm_squared"], ".1f") for d in depths]]
+  for name, lrs in results["grids"].items():
+    for lr in lrs:
+      row = [name, f"{lr:.3g}"]
+      for d in depths:
+        r = cells.get((name, lr, d))
+        row.append("-" if r is None else f"{common.fmt(r['final_train_loss'], '.3g')} "
+                   f"({r['relative_loss']:.2f}){'*' if r['trains'] else ' '}")
+      rows.append(row)
+  lines = [common.table(["optimizer", "lr"] + [f"depth {d}" for d in depths], rows), "",
+           f"Train loss after {cfg['steps']} steps (batch {cfg['batch_size']}, width "
+           f"{cfg['width']}, {cfg['dataset']}), in brackets relative to the start;",
+           f"* trains (at most {cfg['trains_below']:g} of the start). Learning rates that train "
+           "every depth:"]
+  for name, lrs in results["learning_rates_training_every_depth"].items():
     lines.append(f"  {name:<19} " + (", ".join(f"{lr:.3g}" for lr in lrs) or "none"))
   return "\n".join(lines)
 
