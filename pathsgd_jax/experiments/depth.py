@@ -255,19 +255,26 @@ def plot_depth(results: dict):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  from matplotlib.ticker import NullFormatter  # pylint: disable=g-import-not-at-top
+
   cfg = results["config"]
   fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(4.2 * len(OPTIMIZERS), 3.6),
                            constrained_layout=True)
   titles = {"sgd": "SGD", "path-sgd normalize": "Path-SGD, κ/φ² (normalize=True)",
-            "path-sgd raw": "Path-SGD, raw κ"}
+            "path-sgd raw": f"Path-SGD, raw κ (lr = κ/φ² lr × φ² at depth {min(cfg['depths'])})"}
+  # Distinct markers and dashes: runs that do not move at all lie on top of each other.
+  styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]
   for ax, name in zip(axes, OPTIMIZERS):
-    for depth in cfg["depths"]:
+    for i, depth in enumerate(cfg["depths"]):
       mine = sorted((r["learning_rate"], r["relative_loss"]) for r in results["runs"]
                     if r["optimizer"] == name and r["depth"] == depth)
+      marker, dashes = styles[i % len(styles)]
       if mine:
-        ax.plot(*zip(*mine), marker="o", label=f"depth {depth}")
+        ax.plot(*zip(*mine), marker=marker, linestyle=dashes, markersize=7 - i,
+                label=f"depth {depth}")
     ax.axhline(cfg["trains_below"], color="gray", linestyle=":", linewidth=1)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(0, max(1.2, ax.get_ylim()[1]))
     ax.set_title(titles[name], fontsize=10)
     ax.set_xlabel("learning rate")
