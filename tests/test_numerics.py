@@ -216,3 +216,82 @@ def test_nan_parameter_gives_nan_path_norm_and_scales_not_zero(normalize):
   assert np.isnan(float(psgd.path_norm(mlp, bad, x)))
   kappa = psgd.path_scales(mlp, bad, x, normalize=normalize)
   assert any(np.isnan(np.asarray(k)).any() for k in jax.tree.leaves(kappa))
+
+
+# ------------------------------------------------------------------------------------------
+# Deep CNNs: 3x3 SAME convolutions with biases and ReLU, then a dense read-out.
+# ------------------------------------------------------------------------------------------
+
+
+def cnn(params, x):
+  for layer in params[:-1]:
+    x = jax.lax.conv_general_dilated(x, layer["w"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.nn.relu(x + layer["b"][None, None, None, :])
+  return x.reshape(x.shape[0], -1) @ params[-1]["w"] + params[-1]["b"][None, :]
+
+
+def make_cnn(depth, channels, *, init="he", seed=0, image=(4, 4, 3), n_out=4):
+  rng = np.random.default_rng(seed)
+  gain = 2.0 if init == "he" else 1.0
+  sizes = [image[2]] + [channels] * (depth - 1)
+  params = [{"w": rng.normal(0, np.sqrt(gain / (9 * c_in)), (3, 3, c_in, c_out)),
+             "b": rng.normal(0, 0.1, c_out)} for c_in, c_out in zip(sizes[:-1], sizes[1:])]
+  fan_in = image[0] * image[1] * channels
+  params.append({"w": rng.normal(0, np.sqrt(1.0 / fan_in), (fan_in, n_out)),
+                 "b": rng.normal(0, 0.1, n_out)})
+  return params
+
+
+def reference_cnn_kappa(params, image, p=2.0):
+  """Float64 κ of a conv/ReLU/dense network, the plain way, written independently.
+
+  Such a network has no constant factors and no operation other than ReLU on activations,
+  so its path network is the network itself with weights |w|^p and ReLU acting as the
+  identity on non-negative values: Σ N(|w|^p, 1) differentiated in float64 (no overflow below
+  depth ~1000 here).
+  """
+  with jax.enable_x64(True):
+    powered = jax.tree.map(lambda w: jnp.abs(jnp.asarray(w, jnp.float64)) ** p, params)
+    ones = jnp.ones((1,) + tuple(image), jnp.float64)
+    total, grads = jax.value_and_grad(lambda v: jnp.sum(cnn(v, ones)))(powered)
+    kappa = jax.tree.map(lambda g: np.asarray(g) ** (2.0 / p), grads)
+    return kappa, float(total)
+
+
+CNN_CASES = [(16, 64, "he", dtype) for dtype in [jnp.float32, jnp.bfloat16, jnp.float16]]
+CNN_CASES += [(64, 32, "balanced", jnp.bfloat16), (128, 32, "he", jnp.float32)]
+
+
+@pytest.mark.parametrize("depth,channels,init,dtype", CNN_CASES)
+def test_deep_cnn_kappa_matches_float64_where_representable(depth, channels, init, dtype):
+  image = (4, 4, 3)
+  params = jax.tree.map(lambda w: jnp.asarray(w, dtype),
+                        make_cnn(depth, channels, init=init, seed=depth + channels))
+  rounded = jax.tree.map(lambda w: np.asarray(w, np.float64), params)
+  kappa_ref, total = reference_cnn_kappa(rounded, image)
+  x = jnp.zeros((2,) + image, dtype)
+  tx = psgd.path_sgd(0.1, cnn, x, normalize=True)
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  @jax.jit
+  def compute(prm):
+    updates, _ = tx.update(grads, tx.init(prm), prm)
+    return (psgd.path_scales(cnn, prm, x), psgd.path_scales(cnn, prm, x, normalize=True),
+            updates)
+
+  kappa, normalised, updates = compute(params)
+  fitted = 0
+  for got, got_norm, ref in zip(jax.tree.leaves(kappa), jax.tree.leaves(normalised),
+                                jax.tree.leaves(kappa_ref)):
+    g, gn = np.asarray(got), np.asarray(got_norm)
+    assert g.dtype == np.float32 and not np.isnan(g).any() and not np.isnan(gn).any()
+    fits = (ref < F32_MAX * (1 - 1e-3)) & (ref > F32_TINY * (1 + 1e-3))
+    np.testing.assert_allclose(g[fits], ref[fits], rtol=1e-3)
+    normalised_ref = ref / total
+    fits_normalised = (normalised_ref < F32_MAX * 0.999) & (normalised_ref > F32_TINY * 1.001)
+    np.testing.assert_allclose(gn[fits_normalised], normalised_ref[fits_normalised], rtol=1e-3)
+    fitted += int(fits_normalised.sum())
+  assert fitted > 0.99 * sum(np.size(r) for r in jax.tree.leaves(kappa_ref))
+  for u, prm in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.dtype == prm.dtype and np.isfinite(np.asarray(u, np.float32)).all()
