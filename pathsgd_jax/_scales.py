@@ -8,9 +8,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.shard_alike import shard_alike
 
 from pathsgd_jax._pathnet import PathNetwork, check_p, power, power_leaf, times_pow2
+
+try:
+  from jax.experimental.shard_alike import shard_alike
+  HAS_SHARD_ALIKE = True
+except ImportError:  # JAX >= 0.12: no layout hint; a standalone jit picks κ's layout itself
+  HAS_SHARD_ALIKE = False
+
+  def shard_alike(x, y):
+    return x, y
 
 ApplyFn = Callable[[Any, Any], Any]
 

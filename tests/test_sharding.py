@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import pathsgd_jax as psgd
+from pathsgd_jax import _scales
 from models_zoo import named_mlp
 
 WIDTHS = (8, 16, 16, 4)
@@ -155,6 +156,13 @@ def test_sharded_kappa_equals_single_device_kappa(layout):
     assert_same_sharding(out, params, "kappa")
 
 
+NO_LAYOUT_HINT = pytest.mark.xfail(
+    not _scales.HAS_SHARD_ALIKE, strict=True,
+    reason="this JAX has no shard_alike: under GSPMD a standalone jit lays out κ (and a "
+           "replicated bias's cached κ) as it likes")
+
+
+@NO_LAYOUT_HINT
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_standalone_kappa_keeps_param_sharding(layout):
     mesh = auto_mesh()
@@ -274,8 +282,10 @@ def test_large_layers_streamed_path_products_under_sharding(layout):
     mesh = auto_mesh()
     sharded = shard(params, mesh, LAYOUTS[layout])
     updates, state = step(shard(grads, mesh, LAYOUTS[layout]), tx.init(sharded), sharded)
-    # Every cached κ keeps its parameter's layout, replicated biases included.
-    assert_same_sharding(state[0].kappa, sharded, "kappa")
+    # Every cached κ keeps its parameter's layout, replicated biases included (without the
+    # shard_alike hint, GSPMD may give a bias's κ the layout of the row sums it comes from).
+    kernels = lambda tree: {k: v if _scales.HAS_SHARD_ALIKE else v["w"] for k, v in tree.items()}
+    assert_same_sharding(kernels(state[0].kappa), kernels(sharded), "kappa")
     for a, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=0)
 
