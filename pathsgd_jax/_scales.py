@@ -91,11 +91,12 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
       unrepresentable.append(jnp.zeros(jnp.shape(x), bool))
       continue
     gradient, gradient_exponent = next(grads)
-    # Without a hint, GSPMD may lay κ out unlike its parameter (replicated, or sharded like
-    # the row sums it comes from) when the caller does not constrain it.
-    kappa, _ = shard_alike(kappa_of(gradient, gradient_exponent), x)
+    kappa = kappa_of(gradient, gradient_exponent)
     unrepresentable.append(~jnp.isfinite(kappa) | ((kappa == 0) & (gradient > 0)))
     kappas.append(kappa)
+  # Without a hint, GSPMD may lay κ out unlike its parameter (replicated, or sharded like
+  # the row sums it comes from) when the caller does not constrain it.
+  kappas = [shard_alike(kappa, x)[0] for kappa, x in zip(kappas, leaves)]
   return Scales(log_g, kappas, unrepresentable)
 
 

@@ -52,22 +52,9 @@ def save(directory: str | os.PathLike[str], params: Any, opt_state: Any) -> None
     checkpointer.wait_until_finished()
 
 
-def _leaf_name(path) -> str:
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    else:
-      parts.append(str(getattr(key, "key", key)))
-  return ".".join(parts)
-
-
 def _describe(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {_leaf_name(path): (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
+  return {jax.tree_util.keystr(path, simple=True, separator="."):
+              (tuple(np.shape(leaf)), str(np.dtype(leaf.dtype)))
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

@@ -55,7 +55,7 @@ def test_mlp_matches_bruteforce(p, bias, jit):
 @pytest.mark.parametrize("p,jit", [(1.0, False), (2.0, True), (3.0, False)])
 def test_large_dense_layers_match_gamma_reference(p, jit):
     # Layers of >= 2^16 weights take the streamed matrix-vector path; row counts that are
-    # not multiples of its 8-row step exercise the tail.
+    # not multiples of its 16-row step exercise the tail.
     widths = [301, 260, 300, 3]
     params = mz.init_mlp(jax.random.key(4), widths, bias=True)
     phi_ref, kap_ref = ref.mlp_gamma(mz.mlp_to_layers(params), p)

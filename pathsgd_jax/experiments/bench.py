@@ -251,9 +251,10 @@ def format_bench(results: dict) -> str:
                    f"{floor['weight_read_median_s'] * 1e3:.2f} ms; the path network reads them "
                    f"twice, so κ at every step costs at least {floor['ratio_floor']:.3f}x SGD "
                    "unless those reads are shared with the training step.")
-  return "\n".join([common.table(["network", "optimizer", "median ms", "IQR ms", "min ms", "t/sgd",
-                       "t/sgd paired", "t/sgd min", "peak MiB est.", "temp MiB", "args MiB",
-                       "mem/sgd", "compile s"], rows)] + notes)
+  table = common.table(["network", "optimizer", "median ms", "IQR ms", "min ms", "t/sgd",
+                        "t/sgd paired", "t/sgd min", "peak MiB est.", "temp MiB", "args MiB",
+                        "mem/sgd", "compile s"], rows)
+  return "\n".join([table] + notes)
 
 
 def _mib(b: int | None) -> str:
