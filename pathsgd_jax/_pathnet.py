@@ -103,7 +103,7 @@ _ADDITIVE = frozenset({"add", "add_any", "sub"})
 # the network was traced over the stand-in mesh of `_stand_in_mesh`.)
 _SHARDING = frozenset({"sharding_constraint"})
 _IDENTITY = frozenset({"neg", "convert_element_type", "reduce_precision"})
-_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
                     "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _STOCHASTIC = frozenset({"random_bits", "rng_bit_generator", "rng_uniform", "threefry2x32"})
 _COMPARISONS = {"gt": True, "ge": True, "lt": False, "le": False}
