@@ -11,28 +11,40 @@ from pathsgd_jax._report import LeafReport, PathStructure, path_structure
 from pathsgd_jax._scales import path_norm, path_scales
 from pathsgd_jax.init import balanced_init, unbalanced_init
 from pathsgd_jax._transform import ScaleByPathNormState, path_sgd, scale_by_path_norm
+from pathsgd_jax.gsm import (GlobalSparseMomentumState, LeafSparsity, SparsityReport,
+                              active_count, global_sparse_momentum, path_gsm,
+                              prune_to_compression, saliency_mask, sparsity_report)
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "GlobalSparseMomentumState",
     "LeafReport",
+    "LeafSparsity",
     "Operation",
     "PathNetworkError",
     "PathStructure",
     "ScaleByPathNormState",
+    "SparsityReport",
     "UnsupportedOperationError",
+    "active_count",
     "balanced_init",
     "checkpoint",
     "data",
+    "global_sparse_momentum",
     "init",
     "linen",
     "nnx",
+    "path_gsm",
     "path_norm",
     "path_scales",
     "path_sgd",
     "path_structure",
+    "prune_to_compression",
     "rnn",
+    "saliency_mask",
     "scale_by_path_norm",
+    "sparsity_report",
     "tasks",
     "unbalanced_init",
 )
