@@ -4,7 +4,7 @@ Neyshabur, Salakhutdinov & Srebro, *Path-SGD: Path-Normalized Optimization in De
 Networks*, NIPS 2015.
 """
 
-from pathsgd_jax import checkpoint, data, init, linen, nnx, rnn, tasks
+from pathsgd_jax import checkpoint, data, init, linen, mpo, nnx, rnn, tasks
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._pathnet import Operation
 from pathsgd_jax._report import LeafReport, PathStructure, path_structure
@@ -34,6 +34,7 @@ __all__ = (
     "global_sparse_momentum",
     "init",
     "linen",
+    "mpo",
     "nnx",
     "path_gsm",
     "path_norm",
