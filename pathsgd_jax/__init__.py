@@ -17,6 +17,14 @@ from pathsgd_jax.gsm import (GlobalSparseMomentumState, LeafSparsity, SparsityRe
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # `pathsgd_jax.equinox` needs the optional extra `equinox`: imported on first use.
+  if name == "equinox":
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module("pathsgd_jax.equinox")
+  raise AttributeError(f"module 'pathsgd_jax' has no attribute {name!r}")
+
 __all__ = (
     "GlobalSparseMomentumState",
     "LeafReport",

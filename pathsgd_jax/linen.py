@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
+
+from pathsgd_jax import _signature
 
 
 def apply_fn(module: nn.Module, *, variables: Mapping[str, Any] | None = None,
@@ -13,36 +16,88 @@ def apply_fn(module: nn.Module, *, variables: Mapping[str, Any] | None = None,
              **kwargs: Any) -> Callable[[Any, Any], Any]:
   """Wraps a Linen module as ``apply_fn(params, x)`` over its ``'params'`` collection.
 
-  The returned function calls ``module.apply({'params': params, **variables}, x, **kwargs)``,
-  so ``params`` is exactly ``TrainState.params``. Pass the keyword arguments that put the
-  module in inference mode (``deterministic=True``, ``train=False``): the path network must
-  not draw dropout masks.
+  The returned function calls ``module.apply({'params': params, **variables}, x,
+  method=method, **kwargs)``, so ``params`` is exactly ``TrainState.params``. The path network
+  must be the module's inference-mode function (no dropout masks, BatchNorm on its running
+  averages), so the adapter reads the signature of the method it calls and passes the
+  inference-mode keywords it has: ``deterministic=True``, ``train=False``,
+  ``training=False``, ``is_training=False``, ``use_running_average=True``,
+  ``inference=True``. Keywords given explicitly override them (``train=True`` included). The
+  keywords used are in the returned function's ``apply_kwargs`` attribute.
+
+  A method that needs an argument the adapter cannot supply fails at once with the keyword to
+  pass; a module that still draws random numbers (a dropout layer switched by an attribute or
+  by a keyword the adapter does not know) fails, when traced, with the same advice.
 
   Args:
     module: the Linen module.
     variables: other collections the module reads (e.g. ``{'batch_stats': ...}`` for
       eval-mode BatchNorm); they enter the path network as constants.
-    method: the module method to call (default ``__call__``).
-    **kwargs: forwarded to ``module.apply``.
+    method: the module method to call (default ``__call__``): a name (``"encode"``), an
+      unbound method (``Model.encode``) or a function ``method(module, x, **kwargs)``.
+    **kwargs: forwarded to ``module.apply`` (and so to ``method``).
 
   Returns:
     ``apply_fn(params, x)``.
 
+  Raises:
+    TypeError: ``module`` is not a Linen module, or the method needs an argument that is
+      neither in ``kwargs`` nor an inference-mode keyword.
+    ValueError: ``variables`` contains ``'params'``.
+
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, pathsgd_jax as psgd
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
-    >>> x = jnp.ones((4, 3))
-    >>> params = model.init(jax.random.key(0), x)["params"]
-    >>> tx = psgd.path_sgd(0.1, psgd.linen.apply_fn(model), x)
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool = True):
+    ...     x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(8)(x)))
+    ...     return nn.Dense(2)(x)
+    >>> model, x = Net(), jnp.ones((4, 3))
+    >>> params = model.init(jax.random.key(0), x, train=False)["params"]
+    >>> fn = psgd.linen.apply_fn(model)
+    >>> fn.apply_kwargs
+    {'train': False}
+    >>> tx = psgd.path_sgd(0.1, fn, x)
+    >>> opt_state = tx.init(params)
   """
   if not isinstance(module, nn.Module):
     raise TypeError(f"pathsgd_jax.linen.apply_fn expects a flax.linen.Module, got "
-                    f"{type(module).__name__}. For NNX models use pathsgd_jax.nnx.apply_fn.")
+                    f"{type(module).__name__}. For NNX models use pathsgd_jax.nnx.apply_fn, "
+                    "for Equinox pathsgd_jax.equinox.apply_fn.")
   extra = dict(variables or {})
   if "params" in extra:
-    raise ValueError("`variables` must not contain 'params': the optimizer supplies them.")
+    raise ValueError("`variables` must not contain 'params': the optimizer supplies them. "
+                     "Pass the other collections only, e.g. variables={'batch_stats': ...}.")
+  if method is None:
+    sig, label = _signature.signature(module.__call__), f"{type(module).__name__}.__call__"
+  elif isinstance(method, str):
+    target = getattr(module, method, None)
+    if not callable(target):
+      raise TypeError(f"method={method!r}: {type(module).__name__} has no method of that name.")
+    sig, label = _signature.signature(target), f"{type(module).__name__}.{method}"
+  else:
+    sig = _signature.signature(method, drop_first=True)
+    label = getattr(method, "__qualname__", "method")
+  call_kwargs = {**_signature.inference_kwargs(sig, kwargs), **kwargs}
+  missing = _signature.missing_arguments(sig, call_kwargs)
+  if missing:
+    names = ", ".join(f"`{param.name}`" for param in missing)
+    example = ", ".join(f"{param.name}=..." for param in missing)
+    raise TypeError(
+        f"{_signature.describe(label, sig)} needs {names}, which apply_fn(params, x) cannot "
+        f"supply: pass the inference-mode value, pathsgd_jax.linen.apply_fn(model, {example}).")
 
   def fn(params, x):
-    return module.apply({"params": params, **extra}, x, method=method, **kwargs)
+    try:
+      return module.apply({"params": params, **extra}, x, method=method, **call_kwargs)
+    except flax.errors.InvalidRngError as e:
+      known = ", ".join(f"{k}={v}" for k, v in _signature.EVAL_KEYWORDS.items())
+      used = ", ".join(f"{k}={v!r}" for k, v in call_kwargs.items()) or "no keywords"
+      raise ValueError(
+          f"{_signature.describe(label, sig)} draws random numbers with {used} ({e}): Path-SGD "
+          f"needs its inference mode. Pass the keyword that selects it, e.g. "
+          f"pathsgd_jax.linen.apply_fn(model, deterministic=True) (looked for: {known}), or "
+          f"method= a function that calls the module deterministically.") from None
 
+  fn.apply_kwargs = dict(call_kwargs)
   return fn
