@@ -7,7 +7,7 @@ Networks*, NIPS 2015.
 from pathsgd_jax import checkpoint, data, init, linen, mpo, nnx, rnn, tasks
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._pathnet import Operation
-from pathsgd_jax._report import LeafReport, PathStructure, path_structure
+from pathsgd_jax._report import LeafReport, PathStructure, StructureWarning, path_structure
 from pathsgd_jax._scales import path_norm, path_scales
 from pathsgd_jax.init import balanced_init, unbalanced_init
 from pathsgd_jax._transform import ScaleByPathNormState, path_sgd, scale_by_path_norm
@@ -34,6 +34,7 @@ __all__ = (
     "PathStructure",
     "ScaleByPathNormState",
     "SparsityReport",
+    "StructureWarning",
     "UnsupportedOperationError",
     "active_count",
     "balanced_init",
