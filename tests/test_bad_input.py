@@ -11,6 +11,7 @@ thresholds, data-dependent control flow and stochastic layers.
 from __future__ import annotations
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,21 @@ import pathsgd_jax as psgd
 from pathsgd_jax import PathNetworkError, UnsupportedOperationError
 
 THIS_FILE = "test_bad_input.py"
+# Marker comments `# @name` on the lines whose operation an error message must point at.
+MARKED_LINES = {m.group(1): number for number, line in enumerate(open(__file__, encoding="utf-8"), 1)
+                for m in [re.search(r"# @(\w+)$", line)] if m}
+
+
+def first_quoted(msg):
+    """The first backquoted name of a message (the primitive it reports)."""
+    found = re.search(r"`([^`]+)`", msg)
+    return found and found.group(1)
+
+
+def assert_points_at(msg, marker):
+    """The message holds `test_bad_input.py:<line of the marker>` (not a longer number)."""
+    where = f"{THIS_FILE}:{MARKED_LINES[marker]}"
+    assert re.search(re.escape(where) + r"(?!\d)", msg), (where, msg)
 X = jnp.ones((4, 3), jnp.float32)
 
 
@@ -305,99 +321,99 @@ def _pre(prm, x):
 def op_layernorm_by_hand(prm, x):
     h = _pre(prm, x)
     mu = jnp.mean(h, axis=-1, keepdims=True)
-    var = jnp.mean((h - mu) ** 2, axis=-1, keepdims=True)
+    var = jnp.mean((h - mu) ** 2, axis=-1, keepdims=True)  # @layernorm_by_hand
     return jax.nn.relu((h - mu) * jax.lax.rsqrt(var + 1e-5)) @ prm["w2"]
 
 
 def op_rmsnorm_by_hand(prm, x):
     h = _pre(prm, x)
-    return jax.nn.relu(h / jnp.sqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-6)) \
-        @ prm["w2"]
+    rms = jnp.sqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-6)  # @rmsnorm_by_hand
+    return jax.nn.relu(h / rms) @ prm["w2"]
 
 
 def op_weight_norm_columns(prm, x):
-    w = prm["w1"] / jnp.sqrt(jnp.sum(prm["w1"] ** 2, axis=0, keepdims=True))
+    w = prm["w1"] / jnp.sqrt(jnp.sum(prm["w1"] ** 2, axis=0, keepdims=True))  # @weight_norm_columns
     return jax.nn.relu(x @ w + prm["b1"][None, :]) @ prm["w2"]
 
 
 def op_weight_norm_rsqrt(prm, x):
-    w = prm["w1"] * jax.lax.rsqrt(jnp.sum(prm["w1"] * prm["w1"]))
+    w = prm["w1"] * jax.lax.rsqrt(jnp.sum(prm["w1"] * prm["w1"]))  # @weight_norm_rsqrt
     return jax.nn.relu(x @ w) @ prm["w2"]
 
 
 def op_attention(prm, x):
     h = jax.nn.relu(_pre(prm, x))  # (B, 4)
     q = h[:, :, None]
-    scores = jnp.einsum("bid,bjd->bij", q, q)  # activation × activation
+    scores = jnp.einsum("bid,bjd->bij", q, q)  # @attention
     return jnp.einsum("bij,bjd->bid", scores, q)[:, :, 0] @ prm["w2"]
 
 
 def op_gating(prm, x):
     h = _pre(prm, x)
-    return (jax.nn.relu(h) * jax.nn.sigmoid(h)) @ prm["w2"]
+    return (jax.nn.relu(h) * jax.nn.sigmoid(h)) @ prm["w2"]  # @gating
 
 
 def op_squared_relu(prm, x):
-    return jnp.square(jax.nn.relu(_pre(prm, x))) @ prm["w2"]
+    return jnp.square(jax.nn.relu(_pre(prm, x))) @ prm["w2"]  # @squared_relu
 
 
 def op_relu6(prm, x):
-    return jax.nn.relu6(_pre(prm, x)) @ prm["w2"]
+    return jax.nn.relu6(_pre(prm, x)) @ prm["w2"]  # @relu6
 
 
 def op_clip(prm, x):
-    return jnp.clip(_pre(prm, x), 0.0, 1.0) @ prm["w2"]
+    return jnp.clip(_pre(prm, x), 0.0, 1.0) @ prm["w2"]  # @clip
 
 
 def op_maxout(prm, x):
     h = _pre(prm, x)
-    return jnp.maximum(h[:, :2], h[:, 2:]) @ prm["w2"][:2, :]
+    return jnp.maximum(h[:, :2], h[:, 2:]) @ prm["w2"][:2, :]  # @maxout
 
 
 def op_shifted_relu(prm, x):
-    return jnp.maximum(_pre(prm, x), 0.5) @ prm["w2"]
+    return jnp.maximum(_pre(prm, x), 0.5) @ prm["w2"]  # @shifted_relu
 
 
 def op_threshold_where(prm, x):
     h = _pre(prm, x)
-    return jnp.where(h > 0.5, h, 0.0) @ prm["w2"]
+    return jnp.where(h > 0.5, h, 0.0) @ prm["w2"]  # @threshold_where
 
 
 def op_abs(prm, x):
-    return jnp.abs(_pre(prm, x)) @ prm["w2"]
+    return jnp.abs(_pre(prm, x)) @ prm["w2"]  # @abs
 
 
 def op_elu(prm, x):
-    return jax.nn.elu(_pre(prm, x)) @ prm["w2"]
+    return jax.nn.elu(_pre(prm, x)) @ prm["w2"]  # @elu
 
 
 def op_divide_by_activation(prm, x):
     h = jax.nn.relu(_pre(prm, x))
-    return (h / (jnp.sum(h, axis=-1, keepdims=True) + 1.0)) @ prm["w2"]
+    return (h / (jnp.sum(h, axis=-1, keepdims=True) + 1.0)) @ prm["w2"]  # @divide_by_activation
 
 
 def op_log_softmax(prm, x):
-    return jax.nn.log_softmax(net(prm, x), axis=-1)
+    return jax.nn.log_softmax(net(prm, x), axis=-1)  # @log_softmax
 
 
 def op_tanh_in_scan(prm, x):
     def cell(h, _):
-        return jnp.tanh(h @ prm["w1"][:, :3].T[:3, :3] + x), None
+        return jnp.tanh(h @ prm["w1"][:, :3].T[:3, :3] + x), None  # @tanh_in_scan
     h, _ = jax.lax.scan(cell, x, None, length=3)
     return h @ prm["w1"] @ prm["w2"]
 
 
 def op_tanh_in_remat(prm, x):
-    return jax.checkpoint(lambda h: jnp.tanh(h))(_pre(prm, x)) @ prm["w2"]
+    return jax.checkpoint(lambda h: jnp.tanh(h))(_pre(prm, x)) @ prm["w2"]  # @tanh_in_remat
 
 
 def op_tanh_in_nested_jit(prm, x):
-    return jax.jit(lambda h: jnp.tanh(h) * 2.0)(_pre(prm, x)) @ prm["w2"]
+    return jax.jit(lambda h: jnp.tanh(h) * 2.0)(_pre(prm, x)) @ prm["w2"]  # @tanh_in_nested_jit
 
 
 @jax.custom_jvp
 def _my_softplus(h):
-    return jnp.logaddexp(h, 0.0)
+    return jnp.logaddexp(h, 0.0)  # @custom_jvp_softplus
 
 
 _my_softplus.defjvp(lambda primals, tangents: (
@@ -410,112 +426,129 @@ def op_custom_jvp_softplus(prm, x):
 
 def op_cond_on_input(prm, x):
     h = jax.nn.relu(_pre(prm, x))
-    return jax.lax.cond(jnp.sum(x) > 0, lambda a: a, lambda a: 2.0 * a, h) @ prm["w2"]
+    return jax.lax.cond(jnp.sum(x) > 0, lambda a: a, lambda a: 2.0 * a, h) @ prm["w2"]  # @cond_on_input
 
 
 def op_while_loop(prm, x):
     h = jax.nn.relu(_pre(prm, x))
-    _, h = jax.lax.while_loop(lambda c: c[0] < jnp.sum(x).astype(jnp.int32),
+    _, h = jax.lax.while_loop(lambda c: c[0] < jnp.sum(x).astype(jnp.int32),  # @while_loop
                               lambda c: (c[0] + 1, 0.5 * c[1]), (0, h))
     return h @ prm["w2"]
 
 
 def op_dropout_random(prm, x):
     h = jax.nn.relu(_pre(prm, x))
-    keep = jax.random.bernoulli(jax.random.key(0), 0.9, h.shape)
+    keep = jax.random.bernoulli(jax.random.key(0), 0.9, h.shape)  # @dropout_random
     return jnp.where(keep, h / 0.9, 0.0) @ prm["w2"]
 
 
 def op_sort(prm, x):
-    return jnp.sort(jax.nn.relu(_pre(prm, x)), axis=-1) @ prm["w2"]
+    return jnp.sort(jax.nn.relu(_pre(prm, x)), axis=-1) @ prm["w2"]  # @sort
 
 
 def op_argmax_onehot(prm, x):
     h = jax.nn.relu(_pre(prm, x))
-    return jax.nn.one_hot(jnp.argmax(h, axis=-1), 4) @ prm["w2"]
+    return jax.nn.one_hot(jnp.argmax(h, axis=-1), 4) @ prm["w2"]  # @argmax_onehot
 
 
 def op_dynamic_slice_by_input(prm, x):
     h = jax.nn.relu(_pre(prm, x))
-    start = jnp.argmax(x[0]).astype(jnp.int32)
+    start = jnp.argmax(x[0]).astype(jnp.int32)  # @dynamic_slice_by_input
     return jax.lax.dynamic_slice_in_dim(h, start, 2, axis=1) @ prm["w2"][:2, :]
 
 
 def op_where_positive_else_one(prm, x):
     h = _pre(prm, x)
-    return jnp.where(h > 0, h, 1.0) @ prm["w2"]  # not positively homogeneous
+    # Not positively homogeneous:
+    return jnp.where(h > 0, h, 1.0) @ prm["w2"]  # @where_positive_else_one
 
 
 def op_gate_by_other_activation_sign(prm, x):
     g = x @ prm["w1"][:, ::-1]
-    return jnp.where(g > 0, _pre(prm, x), 0.0) @ prm["w2"]  # gating
+    # Gating by another activation's sign:
+    return jnp.where(g > 0, _pre(prm, x), 0.0) @ prm["w2"]  # @gate_by_other_activation_sign
 
 
 def op_mask_by_input_sign(prm, x):
-    return (_pre(prm, x) * (x[:, :1] > 0).astype(jnp.float32)) @ prm["w2"]
+    return (_pre(prm, x) * (x[:, :1] > 0).astype(jnp.float32)) @ prm["w2"]  # @mask_by_input_sign
 
 
 def op_step_function(prm, x):
-    return (_pre(prm, x) > 0).astype(jnp.float32) @ prm["w2"]  # Heaviside activation
+    # A Heaviside activation:
+    return (_pre(prm, x) > 0).astype(jnp.float32) @ prm["w2"]  # @step_function
 
 
+# name -> (apply_fn, the primitive the message must name first, other primitives it must quote).
+# The offending line carries the marker comment `# @name`; the message must point at it.
 UNSUPPORTED = {
-    "layernorm_by_hand": (op_layernorm_by_hand, ("rsqrt", "integer_pow", "mul")),
-    "rmsnorm_by_hand": (op_rmsnorm_by_hand, ("sqrt", "square", "integer_pow", "div")),
-    "weight_norm_columns": (op_weight_norm_columns, ("sqrt", "div", "integer_pow")),
-    "weight_norm_rsqrt": (op_weight_norm_rsqrt, ("rsqrt", "mul")),
-    "attention": (op_attention, ("dot_general",)),
-    "gating": (op_gating, ("logistic", "mul")),
-    "squared_relu": (op_squared_relu, ("integer_pow", "square", "mul")),
-    "relu6": (op_relu6, ("min", "clamp")),
-    "clip": (op_clip, ("clamp", "min", "max")),
-    "maxout": (op_maxout, ("max",)),
-    "shifted_relu": (op_shifted_relu, ("max",)),
-    "threshold_where": (op_threshold_where, ("gt", "lt", "select_n")),
-    "abs": (op_abs, ("abs",)),
-    "elu": (op_elu, ("exp", "expm1", "select_n")),
-    "divide_by_activation": (op_divide_by_activation, ("div",)),
-    "log_softmax": (op_log_softmax, ("exp", "log", "reduce_max", "sub", "stop_gradient")),
-    "tanh_in_scan": (op_tanh_in_scan, ("tanh",)),
-    "tanh_in_remat": (op_tanh_in_remat, ("tanh",)),
-    "tanh_in_nested_jit": (op_tanh_in_nested_jit, ("tanh",)),
+    "layernorm_by_hand": (op_layernorm_by_hand, "integer_pow", ()),
+    "rmsnorm_by_hand": (op_rmsnorm_by_hand, "square", ()),
+    "weight_norm_columns": (op_weight_norm_columns, "sqrt", ()),
+    "weight_norm_rsqrt": (op_weight_norm_rsqrt, "rsqrt", ()),
+    "attention": (op_attention, "dot_general", ()),
+    "gating": (op_gating, "logistic", ()),
+    "squared_relu": (op_squared_relu, "square", ()),
+    "relu6": (op_relu6, "min", ()),
+    "clip": (op_clip, "min", ()),
+    "maxout": (op_maxout, "max", ()),
+    "shifted_relu": (op_shifted_relu, "max", ()),
+    "threshold_where": (op_threshold_where, "gt", ()),
+    "abs": (op_abs, "abs", ()),
+    "elu": (op_elu, "expm1", ()),
+    "divide_by_activation": (op_divide_by_activation, "div", ()),
+    # log_softmax's first non-path primitive is its max(x, c) stabiliser.
+    "log_softmax": (op_log_softmax, "max", ()),
+    "tanh_in_scan": (op_tanh_in_scan, "tanh", ()),
+    "tanh_in_remat": (op_tanh_in_remat, "tanh", ()),
+    "tanh_in_nested_jit": (op_tanh_in_nested_jit, "tanh", ()),
     # logaddexp's first non-path primitive is a comparison of two activations (`ne`).
-    "custom_jvp_softplus": (op_custom_jvp_softplus, ("exp", "log", "max", "logaddexp", "ne")),
-    "cond_on_input": (op_cond_on_input, ("cond", "gt")),
-    "where_positive_else_one": (op_where_positive_else_one, ("select_n", "gt")),
-    "gate_by_other_activation_sign": (op_gate_by_other_activation_sign, ("select_n", "gt")),
-    "mask_by_input_sign": (op_mask_by_input_sign, ("gt", "mul", "convert_element_type")),
-    "step_function": (op_step_function, ("gt", "convert_element_type")),
-    "while_loop": (op_while_loop, ("while",)),
-    "dropout_random": (op_dropout_random, ("random", "threefry", "rng")),
-    "sort": (op_sort, ("sort",)),
-    "argmax_onehot": (op_argmax_onehot, ("argmax", "eq")),
-    "dynamic_slice_by_input": (op_dynamic_slice_by_input, ("dynamic_slice", "argmax")),
+    "custom_jvp_softplus": (op_custom_jvp_softplus, "ne", ()),
+    "cond_on_input": (op_cond_on_input, "cond", ("gt",)),
+    "where_positive_else_one": (op_where_positive_else_one, "select_n", ()),
+    "gate_by_other_activation_sign": (op_gate_by_other_activation_sign, "select_n", ()),
+    "mask_by_input_sign": (op_mask_by_input_sign, "mul", ()),
+    # The 0/1 step output is consumed by the next matmul; the comparison is quoted too.
+    "step_function": (op_step_function, "dot_general", ("gt",)),
+    "while_loop": (op_while_loop, "while", ()),
+    "dropout_random": (op_dropout_random, "random_bits", ()),
+    "sort": (op_sort, "sort", ()),
+    "argmax_onehot": (op_argmax_onehot, "argmax", ()),
+    "dynamic_slice_by_input": (op_dynamic_slice_by_input, "argmax", ()),
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
 def test_unsupported_operation(name):
-    apply_fn, primitives = UNSUPPORTED[name]
+    """The message names the exact primitive (quoted) and the `file:line` of the operation.
+
+    Mutations caught: the line number dropped from the source location (`file` without
+    `:line`), and the primitive's name dropped from the message; the old `prim in msg`
+    check survived both through the test's own name and the advice text.
+    """
+    apply_fn, primitive, also_quoted = UNSUPPORTED[name]
     params = params3()
     out = apply_fn(params, X)  # the network itself runs
     assert out.shape[0] == X.shape[0]
     with pytest.raises(UnsupportedOperationError) as info:
         psgd.path_scales(apply_fn, params, X)
     msg = str(info.value)
-    assert any(f"`{prim}`" in msg or prim in msg for prim in primitives), (primitives, msg)
-    assert THIS_FILE in msg, msg  # the user's own source line
+    assert first_quoted(msg) == primitive, msg
+    for other in also_quoted:
+        assert f"`{other}`" in msg, (other, msg)
+    assert_points_at(msg, name)
     assert "path network" in msg.lower()
 
 
 @pytest.mark.parametrize("name", ["attention", "tanh_in_scan", "dropout_random"])
 def test_unsupported_operation_through_the_jitted_optimizer(name):
-    apply_fn, _ = UNSUPPORTED[name]
+    apply_fn, primitive, _ = UNSUPPORTED[name]
     params = params3()
     tx = psgd.path_sgd(0.1, apply_fn, X, momentum=0.9)
     grads = jax.tree.map(jnp.ones_like, params)
-    with pytest.raises(UnsupportedOperationError, match=THIS_FILE):
+    with pytest.raises(UnsupportedOperationError) as info:
         jax.jit(tx.update)(grads, tx.init(params), params)
+    assert first_quoted(str(info.value)) == primitive
+    assert_points_at(str(info.value), name)
 
 
 def test_sign_tests_of_relu_and_leaky_relu_are_accepted():
@@ -549,7 +582,7 @@ def test_sign_tests_of_relu_and_leaky_relu_are_accepted():
 class LinenGelu(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(2, name="out")(nn.gelu(nn.Dense(4, name="hidden")(x)))
+        return nn.Dense(2, name="out")(nn.gelu(nn.Dense(4, name="hidden")(x)))  # @linen_gelu
 
 
 class LinenDropout(nn.Module):
@@ -565,8 +598,10 @@ def test_linen_gelu_module_named():
     with pytest.raises(UnsupportedOperationError) as info:
         psgd.path_scales(psgd.linen.apply_fn(module), params, X)
     msg = str(info.value)
-    assert "tanh" in msg or "erf" in msg or "integer_pow" in msg, msg
-    assert THIS_FILE in msg, msg
+    # nn.gelu's tanh approximation starts with x**3.
+    assert first_quoted(msg) == "integer_pow", msg
+    assert_points_at(msg, "linen_gelu")
+    assert "LinenGelu" in msg, msg  # the module path
 
 
 def test_linen_dropout_in_train_mode_rejected_and_eval_mode_accepted():
@@ -589,7 +624,7 @@ class NnxLayerNormMLP(nnx.Module):
         self.l2 = nnx.Linear(4, 2, rngs=rngs)
 
     def __call__(self, x):
-        return self.l2(nnx.relu(self.norm(self.l1(x))))
+        return self.l2(nnx.relu(self.norm(self.l1(x))))  # @nnx_layernorm
 
 
 def test_nnx_layernorm_rejected():
@@ -598,4 +633,17 @@ def test_nnx_layernorm_rejected():
     with pytest.raises(UnsupportedOperationError) as info:
         psgd.path_scales(psgd.nnx.apply_fn(model), params, X)
     msg = str(info.value)
-    assert any(p in msg for p in ("rsqrt", "integer_pow", "square", "mul", "div")), msg
+    assert first_quoted(msg) == "square", msg  # LayerNorm's variance
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the location shows only the three innermost frames, all inside flax/nnx/normalization.py; "
+    "the user's line (the model's __call__) is missing for NNX models"))
+def test_nnx_layernorm_message_points_at_the_users_line():
+    """README: errors name "your source line". Linen modules get the module path; NNX
+    modules get neither, so a user cannot tell which LayerNorm of the model is meant."""
+    model = NnxLayerNormMLP(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    with pytest.raises(UnsupportedOperationError) as info:
+        psgd.path_scales(psgd.nnx.apply_fn(model), params, X)
+    assert_points_at(str(info.value), "nnx_layernorm")
