@@ -39,6 +39,8 @@ def loss(params, x, y):
 
 
 grad_fn = jax.jit(jax.grad(loss))
+mask_fn = jax.jit(psgd.saliency_mask, static_argnums=2)
+kappa_fn = jax.jit(lambda prm, x: psgd.path_scales(mlp_apply, prm, x))
 X0, _ = batch(0)
 
 
@@ -101,7 +103,7 @@ def test_ties_at_the_threshold_are_broken_by_position(compression):
               {"w": jnp.asarray(rng.integers(-2, 3, (6, 5)), jnp.float32)}]
     grads = [{"w": jnp.asarray(rng.integers(-2, 3, (4, 6)), jnp.float32)},
              {"w": jnp.asarray(rng.integers(-2, 3, (6, 5)), jnp.float32)}]
-    mask = jax.jit(lambda p, g: psgd.saliency_mask(p, g, compression))(params, grads)
+    mask = mask_fn(params, grads, compression)
     refs = reference_masks(params, grads, compression)
     assert sum(int(np.sum(m["w"])) for m in mask) == reference_q(54, compression)
     for m, ref in zip(mask, refs):
@@ -199,32 +201,33 @@ def test_saliency_ranking_invariant_under_node_rescalings(seed):
         np.testing.assert_allclose(np.abs(b["w"] * gb["w"]), np.abs(a["w"] * ga["w"]),
                                    rtol=1e-4, atol=1e-9)
     for c in (2, 5, 20):
-        for m, n in zip(psgd.saliency_mask(params, g, c), psgd.saliency_mask(other, g_other, c)):
+        for m, n in zip(mask_fn(params, g, c), mask_fn(other, g_other, c)):
             np.testing.assert_array_equal(np.asarray(m["w"]), np.asarray(n["w"]))
-        # The naive chain ranks |w g / kappa|, which does move under rescalings.
-    kappa = psgd.path_scales(mlp_apply, params, x)
-    kappa_o = psgd.path_scales(mlp_apply, other, x)
+    # The naive chain ranks |w g / kappa|, which does move under rescalings.
+    kappa, kappa_o = kappa_fn(params, x), kappa_fn(other, x)
     pre = jax.tree.map(lambda a, b: a / b, g, kappa)
     pre_o = jax.tree.map(lambda a, b: a / b, g_other, kappa_o)
     differs = [not np.array_equal(np.asarray(m["w"]), np.asarray(n["w"]))
-               for m, n in zip(psgd.saliency_mask(params, pre, 5),
-                               psgd.saliency_mask(other, pre_o, 5))]
+               for m, n in zip(mask_fn(params, pre, 5), mask_fn(other, pre_o, 5))]
     assert any(differs), "ranking by the preconditioned gradient should not be invariant"
 
 
-def run_trajectory(tx, params, steps):
-    state = tx.init(params)
+def run_trajectories(tx, starts, steps):
+    """One compiled step, run from every start; per step the params and the active sets."""
 
     @jax.jit
     def step(params, state, x, y):
         updates, state = tx.update(jax.grad(loss)(params, x, y), state, params)
         return optax.apply_updates(params, updates), state
 
-    history = []
-    for t in range(steps):
-        params, state = step(params, state, *batch(t))
-        history.append((params, [np.asarray(m["w"]) for m in state.mask]))
-    return history
+    histories = []
+    for params in starts:
+        state, history = tx.init(params), []
+        for t in range(steps):
+            params, state = step(params, state, *batch(t))
+            history.append((params, [np.asarray(m["w"]) for m in state.mask]))
+        histories.append(history)
+    return histories
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -235,9 +238,9 @@ def test_path_gsm_trajectories_are_rescaling_invariant(weight_decay):
     params = params_of(4)
     scales = unit_scales(4)
     other = rescale(params, scales)
-    steps, kw = 25, dict(compression=3, momentum=0.9, weight_decay=weight_decay)
-    path_a = run_trajectory(psgd.path_gsm(0.02, mlp_apply, X0, **kw), params, steps)
-    path_b = run_trajectory(psgd.path_gsm(0.02, mlp_apply, X0, **kw), other, steps)
+    steps, kw = 20, dict(compression=3, momentum=0.9, weight_decay=weight_decay)
+    path_a, path_b = run_trajectories(psgd.path_gsm(0.02, mlp_apply, X0, **kw),
+                                      (params, other), steps)
     x_test = batch(99, n=64)[0]
     for (pa, ma), (pb, mb) in zip(path_a, path_b):
         for m, n in zip(ma, mb):
@@ -249,8 +252,8 @@ def test_path_gsm_trajectories_are_rescaling_invariant(weight_decay):
         np.testing.assert_allclose(b["w"], a["w"], rtol=1e-4, atol=1e-5)
     # Path-GSM really moved and really pruned (not a trivially equal trajectory).
     assert float(loss(path_a[-1][0], *batch(0))) < 0.9 * float(loss(params, *batch(0)))
-    gsm_a = run_trajectory(psgd.global_sparse_momentum(0.02, **kw), params, steps)
-    gsm_b = run_trajectory(psgd.global_sparse_momentum(0.02, **kw), other, steps)
+    gsm_a, gsm_b = run_trajectories(psgd.global_sparse_momentum(0.02, **kw), (params, other),
+                                    steps)
     gap = np.max(np.abs(mlp_apply(gsm_a[-1][0], x_test) - mlp_apply(gsm_b[-1][0], x_test)))
     assert gap > 1e-2, f"plain GSM should not be rescaling invariant (gap {gap})"
 
