@@ -120,16 +120,45 @@ def test_raw_kappa_overflow_is_defined_and_counted():
   assert counted <= zero <= maybe_lost + total // 1000
 
 
-def test_normalized_kappa_is_rescaling_invariant_and_depth_free():
-  """κ/φ² is invariant under rescalings; its size does not explode with depth."""
-  sizes = {}
-  for depth in (8, 32, 64):
-    params = as_dtype(make_mlp(depth, 32, init="he", seed=depth), jnp.float32)
-    kappa = psgd.path_scales(mlp, params, jnp.zeros((1, 8)), normalize=True)
-    sizes[depth] = float(np.median(np.concatenate([np.ravel(k) for k in jax.tree.leaves(kappa)])))
+@pytest.mark.parametrize("depth", [8, 32, 64])
+def test_normalized_kappa_is_rescaling_equivariant_and_depth_free(depth):
+  """κ/φ² under a real rescaling, and a depth-free identity.
+
+  * Rescaling every hidden unit v by a power of two c_v (incoming ×c_v, outgoing ÷c_v) maps
+    κ/φ² of an edge u→v to κ/φ² · (c_u/c_v)²: (κ/φ²)·w² is unchanged (exact, the factors
+    are powers of two).
+  * Every path ends through one edge of the last layer, so Σ (κ_e/φ²)·w_e² over the last
+    layer (weights and output bias) is 1 at any depth, where raw κ is ~2^depth.
+
+  Mutations caught: the old version rescaled nothing and allowed a 2^20 spread; normalising
+  by 2^(exponent) only (dropping the mantissa m ∈ [1, 2) of φ², `_scales.compute_scales`)
+  breaks the identity here.
+  """
+  rng = np.random.default_rng(depth)
+  base = make_mlp(depth, 32, init="he", seed=depth)
+  scaled = [dict(layer) for layer in base]
+  for layer in range(depth - 1):
+    c = 2.0 ** rng.integers(-6, 7, 32)
+    scaled[layer]["w"] = scaled[layer]["w"] * c[None, :]
+    scaled[layer]["b"] = scaled[layer]["b"] * c
+    scaled[layer + 1]["w"] = scaled[layer + 1]["w"] / c[:, None]
+  x = jnp.zeros((1, 8))
+  fn = jax.jit(lambda prm: psgd.path_scales(mlp, prm, x, normalize=True))
+  results = []
+  for params in (base, scaled):
+    params = as_dtype(params, jnp.float32)
+    kappa = fn(params)
     assert all(np.isfinite(np.asarray(k)).all() for k in jax.tree.leaves(kappa))
-  # Raw κ grows like 2^depth here; normalised κ changes by far less than that.
-  assert max(sizes.values()) / min(sizes.values()) < 2.0 ** 20
+    results.append([{n: np.asarray(k[n], np.float64) * np.asarray(l[n], np.float64) ** 2
+                     for n in ("w", "b")} for k, l in zip(kappa, params)])
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-30)
+  # The rescaling really changed κ/φ² itself (else the first check would be vacuous).
+  raw = [np.asarray(k["w"]) for k in (fn(as_dtype(base, jnp.float32))[1],
+                                      fn(as_dtype(scaled, jnp.float32))[1])]
+  assert not np.allclose(raw[0], raw[1], rtol=0.1)
+  mass = results[0][-1]["w"].sum() + results[0][-1]["b"].sum()
+  np.testing.assert_allclose(mass, 1.0, rtol=1e-4)
 
 
 def test_unbalanced_deep_network_keeps_invariance_in_float32():
