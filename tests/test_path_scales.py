@@ -68,7 +68,7 @@ def test_large_dense_layers_match_gamma_reference(p, jit):
 def test_streamed_and_fused_powered_products_agree_with_float64():
     # The CPU streams rows for vector @ |W|^p, GPUs and TPUs reduce in one fused kernel: check
     # both here (301 rows: not a multiple of the streamed loop's step).
-    from pathsgd_jax import _pathnet as pn  # pylint: disable=g-import-not-at-top
+    from pathsgd_jax import _kernels as pn  # pylint: disable=g-import-not-at-top
     w = jax.random.normal(jax.random.key(0), (301, 260))
     v_in = jax.random.uniform(jax.random.key(1), (301,))
     v_out = jax.random.uniform(jax.random.key(2), (260,))
