@@ -7,7 +7,7 @@ output bias, which lies on no other leaf's path, so they could not tell.
 
 Mutations caught (on a scratch copy): masked leaves entering the path network as zeros
 (``constants`` replaced by ``zeros_like`` in ``_scales.compute_scales``) fails every test
-here; so does a scale that is not powered (at p ≠ 1, checked by the scale tests).
+here.
 """
 
 import jax
