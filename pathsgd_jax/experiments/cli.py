@@ -218,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                      description=depth.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   depth.add_arguments(p)
+  from pathsgd_jax.experiments import mpo  # pylint: disable=g-import-not-at-top
+  p = sub.add_parser("mpo", help="MPO-compressed FC2 / LeNet-5: accuracy vs compression",
+                     description=mpo.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  mpo.add_arguments(p)
   return parser
 
 
@@ -316,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       from pathsgd_jax.experiments import rnn  # pylint: disable=g-import-not-at-top
       args.argv = list(sys.argv[2:] if argv is None else argv[1:])
       rnn.run(args)
+      return 0
+    if args.command == "mpo":
+      from pathsgd_jax.experiments import mpo  # pylint: disable=g-import-not-at-top
+      mpo.run_mpo(mpo.config_from_args(args), log=_log_fn(args.quiet))
       return 0
     if args.command == "depth":
       from pathsgd_jax.experiments import depth  # pylint: disable=g-import-not-at-top
