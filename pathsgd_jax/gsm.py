@@ -202,13 +202,18 @@ def saliency_mask(params, grads, compression, *, prunable=None):
                 compression, prunable)
 
 
-def prune_to_compression(params, compression, prunable=None):
+def prune_to_compression(params, compression, prunable=None, *, scores=None):
   """Magnitude pruning to exactly ``Q`` kept prunable weights (GSM's final step).
 
   The ``Q`` (see :func:`active_count`) prunable weights of largest ``|w|``, ranked globally,
   are kept and all other prunable weights set to zero (ties by position); other leaves are
   returned unchanged. The result has exactly ``Q`` non-zeros on the prunable leaves when at
   least ``Q`` of them were non-zero. Runs under ``jit``.
+
+  ``|w|`` is not invariant under node rescalings. After :func:`path_gsm`, rank by
+  ``scores = |w|·√κ`` instead (``κ`` from :func:`path_scales`): ``w²κ`` is the path mass
+  through the edge, which rescalings leave unchanged, so the pruned networks of two
+  rescaled-equivalent runs stay equivalent.
 
   Examples:
     >>> import jax.numpy as jnp, pathsgd_jax as psgd
@@ -217,7 +222,9 @@ def prune_to_compression(params, compression, prunable=None):
     Array([[ 0., -4.],
            [ 3.,  0.]], dtype=float32)
   """
-  masks = _masks(params, lambda i, w: jnp.abs(w), compression, prunable)
+  score = jax.tree.leaves(scores) if scores is not None else None
+  masks = _masks(params, lambda i, w: jnp.abs(w) if score is None else score[i], compression,
+                 prunable)
   return jax.tree.map(lambda w, m: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
                       params, masks, is_leaf=lambda m: m is None)
 
@@ -423,6 +430,8 @@ def path_gsm(
     compression, momentum, weight_decay, prunable: as in :func:`global_sparse_momentum`.
     p, normalize, refresh_every: as in :func:`scale_by_path_norm`.
     path_mask: ``scale_by_path_norm``'s ``mask`` (leaves that are not path weights).
+      With ``optax.inject_hyperparams``, list ``apply_fn``, ``example_input``, ``p`` and
+      ``refresh_every`` (and a callable ``prunable``) in ``static_args``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires ``params``.

@@ -277,6 +277,27 @@ def test_prune_to_compression_keeps_exactly_q_largest(compression):
     assert report.compression == pytest.approx(n_prunable(params) / q)
 
 
+def test_path_magnitude_pruning_is_rescaling_invariant():
+    """Ranked by |w| sqrt(kappa) (path mass), the pruned rescaled network is the rescaled
+    pruned network; ranked by |w| it is not."""
+    params = params_of(6)
+    scales = unit_scales(6)
+    other = rescale(params, scales)
+
+    def path_scores(prm):
+        kappa = kappa_fn(prm, X0)
+        return jax.tree.map(lambda w, k: jnp.abs(w) * jnp.sqrt(k), prm, kappa)
+
+    prune = jax.jit(psgd.prune_to_compression, static_argnums=1)
+    a = prune(params, 4, scores=path_scores(params))
+    b = prune(other, 4, scores=path_scores(other))
+    for la, lb in zip(rescale(a, scales), b):
+        np.testing.assert_allclose(lb["w"], la["w"], rtol=1e-6)
+    plain_a, plain_b = prune(params, 4), prune(other, 4)
+    assert any(not np.array_equal(np.asarray(x["w"]) != 0, np.asarray(y["w"]) != 0)
+               for x, y in zip(plain_a, plain_b))
+
+
 def test_sparsity_report_counts_per_leaf():
     params = {"dense": {"kernel": jnp.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]),
                         "bias": jnp.array([0.0, 0.5, 0.0])},
