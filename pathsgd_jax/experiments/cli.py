@@ -223,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                      description=mpo.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   mpo.add_arguments(p)
+  from pathsgd_jax.experiments import gsm  # pylint: disable=g-import-not-at-top
+  p = sub.add_parser("gsm", help="pruning while training: GSM vs Path-GSM vs magnitude",
+                     description=gsm.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  gsm.add_arguments(p)
   return parser
 
 
@@ -321,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       from pathsgd_jax.experiments import rnn  # pylint: disable=g-import-not-at-top
       args.argv = list(sys.argv[2:] if argv is None else argv[1:])
       rnn.run(args)
+      return 0
+    if args.command == "gsm":
+      from pathsgd_jax.experiments import gsm  # pylint: disable=g-import-not-at-top
+      gsm.run_gsm(gsm.config_from_args(args), log=_log_fn(args.quiet))
       return 0
     if args.command == "mpo":
       from pathsgd_jax.experiments import mpo  # pylint: disable=g-import-not-at-top
