@@ -171,7 +171,8 @@ def _optimizer(kind: str, apply_fn, example, cfg: GSMConfig):
                    weight_decay=cfg.weight_decay)
   if kind == "gsm":
     return optax.inject_hyperparams(psgd.global_sparse_momentum)(**common_kw)
-  return optax.inject_hyperparams(psgd.path_gsm, static_args=("apply_fn", "example_input", "p", "refresh_every"))(
+  static = ("apply_fn", "example_input", "p", "refresh_every")
+  return optax.inject_hyperparams(psgd.path_gsm, static_args=static)(
       apply_fn=apply_fn, example_input=example, **common_kw)
 
 
