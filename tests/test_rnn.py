@@ -478,7 +478,7 @@ def test_sequential_mnist_variants():
     perm = tasks.sequential_mnist("pixel", permuted=True, seed=1)
     assert not np.array_equal(perm.x_train[0], pixels.x_train[0])
     np.testing.assert_allclose(np.sort(perm.x_train[0, :, 0]), np.sort(pixels.x_train[0, :, 0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="permuted=True is defined for the pixel"):
         tasks.sequential_mnist("row", permuted=True)
 
 
