@@ -163,54 +163,8 @@ def test_restore_in_process_round_trips_the_state(trained, tmp_path):
     chex.assert_trees_all_equal_structs(restored["opt_state"][0].kappa, p7)
 
 
-# A refused restore leaves some of Orbax's read coroutines un-awaited; that is Orbax's business.
-refused = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-def _restore_error(tmp_path, p7, s7, params, tx):
-    _save(tmp_path / "c", p7, s7)
-    target = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
-    with pytest.raises((ValueError, TypeError)) as info:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.restore(tmp_path / "c", target)
-    return str(info.value)
-
-
-@refused
-def test_checkpoint_of_a_model_with_other_widths_is_refused(trained, tmp_path):
-    _, (p7, s7), _ = trained
-    widths = (4, 9, 6, 3)
-    msg = _restore_error(tmp_path, p7, s7, NS["init_params"](widths), NS["make_tx"](widths))
-    # Orbax names the two shapes, not the leaf (see the report: a library-level check could).
-    assert "shape" in msg.lower(), msg
-    assert any(s in msg for s in ("(9,)", "(4, 9)", "(9, 6)")), msg
-
-
-@refused
-def test_checkpoint_of_a_deeper_model_is_refused(trained, tmp_path):
-    _, (p7, s7), _ = trained
-    widths = (4, 8, 6, 6, 3)
-    msg = _restore_error(tmp_path, p7, s7, NS["init_params"](widths), NS["make_tx"](widths))
-    assert "structure" in msg.lower(), msg
-    assert "l3" in msg or "kappa" in msg, msg
-
-
-@refused
-@pytest.mark.parametrize("config", [dict(refresh_every=1), dict(momentum=None)])
-def test_checkpoint_of_another_optimizer_configuration_is_refused(trained, tmp_path, config):
-    _, (p7, s7), _ = trained
-    msg = _restore_error(tmp_path, p7, s7, p7, NS["make_tx"](WIDTHS, **config))
-    assert "structure" in msg.lower(), msg
-    assert ("kappa" if "refresh_every" in config else "opt_state[1]") in msg, msg
-
-
-@refused
-def test_checkpoint_without_cache_restored_into_optimizer_with_cache_is_refused(tmp_path):
-    tx1 = NS["make_tx"](WIDTHS, refresh_every=1)
-    params = NS["init_params"](WIDTHS)
-    state = tx1.init(params)
-    msg = _restore_error(tmp_path, params, state, params, NS["make_tx"](WIDTHS, refresh_every=3))
-    assert "structure" in msg.lower() and "kappa" in msg, msg
+# Mismatched checkpoints: only pathsgd_jax.checkpoint's own errors are tested below. (Tests
+# of what a bare Orbax restore raises checked Orbax's wording, not this library.)
 
 
 # ----------------------------------------------------------------- pathsgd_jax.checkpoint
