@@ -303,9 +303,10 @@ def plot_mpo(results: dict):
       for init, style in (("random", "-o"), ("unbalanced", "--s")):
         rs = sorted((r for r in results["runs"] if r["model"] == model and
                      r["optimizer"] == opt and r["init"] == init), key=lambda r: r["compression"])
-        pts = [(r["compression"], 100 * (1 - r["test_error"])) for r in rs
-               if r["test_error"] is not None]
-        if pts:
+        # Diverged runs (no learning rate trained) break the line instead of being skipped.
+        pts = [(r["compression"], math.nan if r["test_error"] is None else
+                100 * (1 - r["test_error"])) for r in rs]
+        if any(math.isfinite(y) for _, y in pts):
           ax.plot(*zip(*pts), style, color=colors.get(opt), ms=4,
                   label=f"{optim_lib.LABELS[opt]} ({init})")
     ax.set_xscale("log")
