@@ -9,9 +9,10 @@ small case of each is cross-checked against brute-force path enumeration
 (``reference.dag_bruteforce``). The forward pass of every unrolled chain is checked against
 the real network, so the unrolling itself cannot drift.
 
-Mutations caught (on a scratch copy, see the report): ignoring ``feature_group_count``,
-``rhs_dilation`` or the window strides in the convolution rule, and leaving average
-pooling's 1/k unpowered, each fail the corresponding case here.
+Mutations caught (on a scratch copy): a convolution rule that drops the feature grouping
+(kernel tiled over all input channels, divided by the group count: invisible on a first
+layer's all-ones input, hence the 1x1 convolution in front), and average pooling's 1/k left
+unpowered (``_rules._div``), each fail the corresponding cases here.
 """
 
 from __future__ import annotations
@@ -234,11 +235,16 @@ def test_convolution(case, p):
     _, out_hwc = conv((*c["hw"], c["cin"]), np.ones(kshape), stride=c["stride"],
                       dilation=c["dilation"], pads=c["pads"], groups=c["groups"])
     n_flat = int(np.prod(out_hwc))
-    params = _params({"k": kshape, "kb": (c["cout"],), "w": (n_flat, 2), "b": (2,)}, seed=1)
+    params = _params({"k0": (1, 1, c["cin"], c["cin"]), "k": kshape, "kb": (c["cout"],),
+                      "w": (n_flat, 2), "b": (2,)}, seed=1)
     params["kb"] = params["kb"] + 0.2
 
     def apply_fn(prm, x):
-        h = lax.conv_general_dilated(x, prm["k"], c["stride"], c["pads"],
+        # A 1x1 convolution first, so the tested one sees unequal path sums per channel (on
+        # the all-ones input of a first layer, a wrong channel grouping can cancel out).
+        h = jax.nn.relu(lax.conv_general_dilated(x, prm["k0"], (1, 1), "VALID",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        h = lax.conv_general_dilated(h, prm["k"], c["stride"], c["pads"],
                                      rhs_dilation=c["dilation"],
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      feature_group_count=c["groups"])
@@ -248,7 +254,8 @@ def test_convolution(case, p):
     f = _f64(params)
     layer, _ = conv((*c["hw"], c["cin"]), f["k"], f["kb"], stride=c["stride"],
                     dilation=c["dilation"], pads=c["pads"], groups=c["groups"])
-    layers = [layer, dense(f["w"], f["b"], name="w", bias_name="b")]
+    first, _ = conv((*c["hw"], c["cin"]), f["k0"], name="k0")
+    layers = [first, layer, dense(f["w"], f["b"], name="w", bias_name="b")]
     _check(apply_fn, params, _x((*c["hw"], c["cin"])), layers, p, brute=(p == 2.0))
 
 
