@@ -9,9 +9,9 @@ concatenation ``[h, relu(h W)]``; then the output layer, at p in {1, 2, 3}. κ a
 compared with the hand-unrolled float64 reference of ``test_operations.py``.
 
 Examples per run: ``PATHSGD_HYPOTHESIS_EXAMPLES`` (default 6, about 30 s on two busy
-cores); the ``slow`` test runs 40 (about 150 s). Mutations caught (on a scratch copy): the feature-grouping and unpowered-1/k
-mutations listed in test_operations.py; run together, hypothesis found and shrank a failing
-network within the default examples.
+cores); the ``slow`` test runs 40 (about 150 s). Mutations caught (on a scratch copy): the
+feature-grouping and unpowered-1/k mutations listed in test_operations.py; run together,
+hypothesis found and shrank a failing network within the default examples.
 """
 
 import os
