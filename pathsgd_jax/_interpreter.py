@@ -1,4 +1,4 @@
-"""The path network: the user's network re-read, primitive by primitive, with powered weights.
+"""The path network's interpreter: the user's jaxpr re-read with powered weights.
 
 For a ReLU network with weights ``w``, the *path network* ``N(v, 1)`` evaluates the same
 computation graph with every edge weight replaced by ``v = |w|^p`` on an all-ones input, with
@@ -7,27 +7,23 @@ every ReLU acting as the identity. Its summed output is the path sum
 the product of the other edges (Neyshabur et al., 2015).
 
 Simply calling ``apply_fn(|θ|^p, ones)`` is wrong whenever the graph holds a multiplicative
-constant that is not a parameter (average pooling's ``1/k``, a residual scale, a subtraction)
-or an operation that is not linear and positively homogeneous (tanh, LayerNorm, ...). So the
-network is traced to a jaxpr and re-evaluated here with one explicit rule per primitive. Every
-value carries a *kind*:
+constant that is not a parameter (average pooling's ``1/k``, a residual scale, a subtraction),
+an additive constant (BatchNorm's mean, which folds into its neuron's bias) or an operation
+that is not linear and positively homogeneous (tanh, LayerNorm, ...). So the network is traced
+to a jaxpr and re-evaluated here, one rule per primitive (`_rules.RULES`), on values that
+carry a kind (`_values.Kind`). This module holds what every rule shares: the driver, the
+power-of-two scales, closing affine neurons, ReLU's sign tests, calls and control flow.
 
-``CONST``
-  depends on neither parameters nor input; kept at its true value (concrete when possible),
-  and raised to ``|c|^p`` only where it meets a parameter or an activation.
-``PARAM``
-  depends on parameters only (a weight, possibly reshaped, cast or scaled); held as ``|w|^p``.
-``ACT``
-  depends on the input: an activation of the path network, held as its (non-negative) value.
+Extension point: `PathInterpreter.activation` is called at every ReLU (and leaky ReLU) with
+the activation it acts on; the path network's own rule is the identity. A subclass may
+replace it (a gate, a data-dependent weight) without touching the rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,83 +33,20 @@ from jax.extend import core as jex_core
 
 from pathsgd_jax._diagnostics import _ADVICE, _HINTS, _where
 from pathsgd_jax._errors import UnsupportedOperationError
-from pathsgd_jax._kernels import _MATVEC_MIN_SIZE, _powered_matvec
 from pathsgd_jax._numerics import _concrete, _shifted, binary_exponent, power, times_pow2
-from pathsgd_jax._tracing import _on_stand_in_mesh
+from pathsgd_jax._rules import KEEPS_NEURON_OPEN, RULES, _Out, broadcast_op
+from pathsgd_jax._values import Kind, Operation, _Val, memoised
 
+__all__ = ["Kind", "Operation", "PathInterpreter"]
 
-class Kind(enum.IntEnum):
-  CONST = 0
-  PARAM = 1
-  ACT = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class _Val:
-  kind: Kind
-  value: Any
-  leaves: frozenset[int] = frozenset()  # parameter leaves a PARAM value was derived from
-  log_scale: Any = 0.0  # an ACT value stands for value * 2^log_scale
-  # An ACT value's identity up to constant factors: scaling by a constant keeps it.
-  origin: Any = None
-  # Set on the result of `x > 0` and kin: the origin of the activation x that was tested,
-  # and the comparison's primitive.
-  tested: Any = None
-  tested_by: str = ""
-  # For a parameter leaf itself: (raw weight, zero perturbation δ) with value = |w|^p + δ, so
-  # a large dense layer can be applied without materialising |w|^p (see `_powered_matvec`).
-  raw: Any = None
-
-  def __post_init__(self):
-    if self.kind == Kind.ACT and self.origin is None:
-      object.__setattr__(self, "origin", object())
-
-
-class Operation(NamedTuple):
-  """One operation of the path network, as listed in the structure report.
-
-  Attributes:
-    primitive: the JAX primitive of the user's network.
-    role: what the path network does with it (``"dense"``, ``"conv"``, ``"bias"``,
-      ``"relu (identity)"``, ``"max pooling (sum over window)"``, ...).
-    shape: shape of the activation it produces (for the single all-ones example).
-    leaves: names of the parameter leaves it reads.
-    where: the module path and source line that produced it.
-  """
-
-  primitive: str
-  role: str
-  shape: tuple[int, ...]
-  leaves: tuple[str, ...]
-  where: str
-
-
-# Primitives that only move, copy, sum or select entries: linear in each operand, so they act
-# on powered values unchanged (constants among their operands are powered first).
-_LAYOUT = frozenset({
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "rev", "slice",
-    "copy", "copy_p", "sharding_constraint", "mesh_cast", "reshard", "device_put",
-    "optimization_barrier", "split",
-})
-_LINEAR = frozenset({
-    "concatenate", "pad", "reduce_sum", "reduce_window_sum", "cumsum", "select_n",
-    "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add",
-})
-_ADDITIVE = frozenset({"add", "add_any", "sub"})
-# GSPMD placement hints, dropped on activations: the path network's single example cannot
-# follow a batch layout. (Explicit-mode `reshard` changes types and is kept, except where
-# the network was traced over the stand-in mesh of `_stand_in_mesh`.)
-_SHARDING = frozenset({"sharding_constraint"})
-_IDENTITY = frozenset({"neg", "convert_element_type", "reduce_precision"})
-_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-                    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
+CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
+                   "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 _STOCHASTIC = frozenset({"random_bits", "rng_bit_generator", "rng_uniform", "threefry2x32"})
 _COMPARISONS = {"gt": True, "ge": True, "lt": False, "le": False}
 _MIRRORED = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
-# Operands of these primitives that must be constants (indices), by position.
-_INDEX_OPERANDS = {"dynamic_slice": slice(1, None), "dynamic_update_slice": slice(2, None),
-                   "gather": slice(1, 2), "scatter-add": slice(1, 2), "scatter_add": slice(1, 2),
-                   "select_n": slice(0, 1)}
+_FOLDED_ROLES = (({"constant shift", "parameter scale"}, "batch norm (folded)"),
+                 ({"constant shift", "parameter shift"}, "batch norm (folded)"),
+                 ({"parameter shift"}, "bias"), ({"constant shift"}, "constant bias"))
 
 
 def _open(inner) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
@@ -125,7 +58,7 @@ def _open(inner) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
   return None
 
 
-def _subjaxpr(eqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
+def subjaxpr(eqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
     opened = _open(eqn.params.get(key))
     if opened is not None:
@@ -150,13 +83,21 @@ class PathInterpreter:
     dtype: the floating dtype every powered value is computed in.
     leaf_names: names of the parameter leaves, for the structure report.
     record: whether to record the operations for the structure report.
+    kappa_rule: differentiate folded sums by the κ rule (`param_value`); False gives the true
+      gradient of the path sum (for path norms used as a regulariser).
+    statistics: optional values of batch statistics by variable (see `_statistics`): those
+      variables are constants of this evaluation and the computations that only feed them are
+      skipped.
   """
 
-  def __init__(self, p: float, dtype, leaf_names: Sequence[str], record: bool = False):
+  def __init__(self, p: float, dtype, leaf_names: Sequence[str], record: bool = False,
+               statistics: dict | None = None, kappa_rule: bool = True):
     self.p = p
+    self.kappa_rule = kappa_rule
     self.dtype = dtype
     self.leaf_names = list(leaf_names)
     self.record = record
+    self.statistics = statistics or {}
     self.operations: list[Operation] = []
     self.leaf_roles: dict[int, set[str]] = {}
     self.callers: list[Any] = []  # enclosing call equations, for error messages
@@ -166,6 +107,9 @@ class PathInterpreter:
     self.gradient_exponents: dict[int, jax.Array] = {}
     self.unshiftable: set[int] = set()
     self.loop_depth = 0
+    # Leaves that make up the same affine neurons (a layer's kernel, its bias, a folded
+    # BatchNorm's scale and shift): union-find parents, for the trust region of path_sgd.
+    self.group_parent: dict[int, int] = {}
 
   def where(self, eqn) -> str:
     return _where(eqn, self.callers)
@@ -178,15 +122,69 @@ class PathInterpreter:
         f"The path network cannot contain {what}: {detail}. It was produced at "
         f"{self.where(eqn)}. " + _ADVICE)
 
-  # ----------------------------------------------------------------------------- helpers
+  # ------------------------------------------------------------------------------ values
   def power(self, c) -> jax.Array:
     """|c|^p for a constant, in the compute dtype."""
     return power(jnp.abs(jnp.asarray(c).astype(self.dtype)), self.p)
 
+  def signed_of(self, val: _Val):
+    """The true (signed) value of a constant or a parameter value."""
+    if val.kind == Kind.CONST:
+      return val.value
+    if val.signed is None:
+      raise self.unsupported_folding()
+    return val.signed()
+
+  def unsupported_folding(self):
+    return UnsupportedOperationError(
+        "The path network needs the true value of a sum of parameters here (a bias folded "
+        "with a constant or another parameter, as in BatchNorm), but the parameters reach "
+        "this point through a lax.scan, which this interpreter reads in powered form only. "
+        "Move the sum out of the scan body, or keep one bias per neuron there.")
+
+  def param_value(self, val: _Val) -> jax.Array:
+    """The powered value of a parameter value: its path-network value forward, the κ rule's
+    gradient backward.
+
+    For a folded sum of parameters and constants (``β − μ·s``) the forward value is
+    ``|β − μ·s|^p``, and the gradient is the surrogate's: each term's powered value is
+    differentiated as if the term were an edge of its own, which gives each parameter the
+    coordinate-wise step's ``|∂e/∂θ|^p`` (see `_rules`).
+    """
+    if val.exact:
+      return val.value
+    folded = self.power(self.signed_of(val))
+    if not self.kappa_rule:
+      return folded
+    return val.value + lax.stop_gradient(broadcast_op(lax.sub, folded, val.value))
+
   def lift(self, val: _Val, kind: Kind) -> jax.Array:
-    if val.kind == Kind.CONST and kind != Kind.CONST:
-      return self.power(val.value)
-    return val.value
+    """A constant or parameter operand as a powered value (constants kept below ``PARAM``)."""
+    if val.kind == Kind.CONST:
+      return self.power(val.value) if kind != Kind.CONST else val.value
+    return self.param_value(val) if val.kind == Kind.PARAM else val.value
+
+  def combine(self, a: _Val, b: _Val | None, op: str) -> _Val:
+    """A pending bias and a term, combined with their signs: ``-a``, ``a + b``, ``a·b``, ``a/b``."""
+    if op == "neg":
+      if a.kind == Kind.CONST:
+        return _Val(Kind.CONST, -a.value if not isinstance(a.value, bool) else a.value)
+      return dataclasses.replace(a, signed=memoised(lambda: -self.signed_of(a)))
+    binary = {"add": lax.add, "mul": lax.mul, "div": lax.div}[op]
+    if a.kind == Kind.CONST and b.kind == Kind.CONST:
+      with jax.ensure_compile_time_eval():
+        return _Val(Kind.CONST, broadcast_op(binary, a.value, b.value))
+    if op == "div":
+      value = broadcast_op(lax.mul, self.lift(a, Kind.PARAM), 1.0 / self.power(b.value))
+      exact = a.exact
+    elif op == "mul":
+      value = broadcast_op(lax.mul, self.lift(a, Kind.PARAM), self.lift(b, Kind.PARAM))
+      exact = True
+    else:
+      value = broadcast_op(lax.add, self.lift(a, Kind.PARAM), self.lift(b, Kind.PARAM))
+      exact = False
+    signed = memoised(lambda: broadcast_op(binary, self.signed_of(a), self.signed_of(b)))
+    return _Val(Kind.PARAM, value, a.leaves | b.leaves, signed=signed, exact=exact)
 
   def normalise(self, value, log_scale):
     """Divides by the power of two nearest below the largest entry; adds it to the scale.
@@ -227,22 +225,23 @@ class PathInterpreter:
     `gradient_exponents`. Leaves used inside loops or mixed with other leaves keep E = 0.
     """
     leaves = val.leaves
+    value = self.param_value(val)
     if self.loop_depth or len(leaves) != 1:
       self.unshiftable.update(leaves)
     (leaf,) = leaves if len(leaves) == 1 else (None,)
     static_zero = isinstance(shift, float) and shift == 0
     if leaf not in self.shiftable:
-      return val.value if static_zero else times_pow2(val.value, shift)
+      return value if static_zero else times_pow2(value, shift)
     # A first use with no shift (a weight) keeps the leaf's gradient as is: no extra passes
     # over large weight matrices on the hot path.
     reference = self.gradient_exponents.setdefault(
         leaf, 0.0 if static_zero else jnp.asarray(shift, self.dtype))
     if static_zero and isinstance(reference, float):
-      return val.value
-    return _shifted(val.value, jnp.asarray(shift, self.dtype),
+      return value
+    return _shifted(value, jnp.asarray(shift, self.dtype),
                     jnp.asarray(shift - reference, self.dtype))
 
-  def _note(self, eqn, role: str, out, inputs: Sequence[_Val], param_role: str | None = None):
+  def note(self, eqn, role: str, out, inputs: Sequence[_Val], param_role: str | None = None):
     leaves = frozenset().union(*(v.leaves for v in inputs if v.kind == Kind.PARAM))
     if param_role is not None:
       for leaf in leaves:
@@ -252,7 +251,42 @@ class PathInterpreter:
           primitive=eqn.primitive.name, role=role, shape=tuple(np.shape(out)),
           leaves=tuple(self.leaf_names[i] for i in sorted(leaves)), where=self.where(eqn)))
 
-  # ----------------------------------------------------------------------------- driver
+  def group(self, leaf: int) -> int:
+    parent = self.group_parent.setdefault(leaf, leaf)
+    if parent != leaf:
+      parent = self.group_parent[leaf] = self.group(parent)
+    return parent
+
+  def join(self, leaves) -> None:
+    leaves = sorted(leaves)
+    for leaf in leaves[1:]:
+      self.group_parent[self.group(leaf)] = self.group(leaves[0])
+
+  def flush(self, val: _Val) -> _Val:
+    """Closes an activation's affine neuron: its pending signed bias ``b`` adds ``|b|^p``."""
+    if val.kind != Kind.ACT or val.bias is None:
+      return val
+    self.join(val.bias.leaves | val.neuron_leaves)
+    base = dataclasses.replace(val, bias=None, chain=frozenset(), bias_at=None)
+    (x, b), common = self.align([base, val.bias], Kind.ACT)
+    value = broadcast_op(lax.add, x, b)
+    role = next((r for steps, r in _FOLDED_ROLES if steps <= val.chain), "bias")
+    if val.bias.kind == Kind.PARAM:
+      self.note(val.bias_at, role, value, [val.bias], "bias")
+    elif self.record:
+      self.note(val.bias_at, role, value, [])
+    value, log_scale = self.normalise(value, common)
+    return _Val(Kind.ACT, value, log_scale=log_scale, origin=val.origin)
+
+  def activation(self, eqn, val: _Val, role: str) -> _Val:
+    """A ReLU (or leaky ReLU) acting on ``val``: the identity on path values.
+
+    The extension point of the interpreter (see the module docstring).
+    """
+    self.note(eqn, role, val.value, [])
+    return val
+
+  # ------------------------------------------------------------------------------ driver
   def run(self, jaxpr: jex_core.Jaxpr, consts: Sequence[_Val], args: Sequence[_Val]) -> list[_Val]:
     env: dict[Any, _Val] = {}
 
@@ -265,12 +299,35 @@ class PathInterpreter:
       env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
       env[var] = val
-    for eqn in jaxpr.eqns:
-      outs = self.eqn(eqn, [read(v) for v in eqn.invars])
+    statistics = self.statistics
+    live = statistics.get(id(jaxpr), {}).get("live") if statistics else None
+    for index, eqn in enumerate(jaxpr.eqns):
+      if live is not None:
+        if index not in live:
+          continue
+        known = statistics[id(jaxpr)]["values"]
+        if index in known:
+          for var, value in zip(eqn.outvars, known[index], strict=True):
+            env[var] = _Val(Kind.CONST, value)
+          continue
+      invals = [read(v) for v in eqn.invars]
+      if not self._keeps_neuron_open(eqn, invals):
+        for i, (var, val) in enumerate(zip(eqn.invars, invals)):
+          if val.bias is not None:
+            invals[i] = self.flush(val)
+            if not isinstance(var, jex_core.Literal):
+              env[var] = invals[i]
+      outs = self.eqn(eqn, invals)
       for var, out in zip(eqn.outvars, outs, strict=True):
         if not isinstance(var, jex_core.DropVar):
           env[var] = out
     return [read(v) for v in jaxpr.outvars]
+
+  @staticmethod
+  def _keeps_neuron_open(eqn, invals) -> bool:
+    return (eqn.primitive.name in KEEPS_NEURON_OPEN
+            and sum(v.kind == Kind.ACT for v in invals) <= 1
+            and all(v.tested is None for v in invals))
 
   def eqn(self, eqn, invals: list[_Val]) -> list[_Val]:
     name = eqn.primitive.name
@@ -279,8 +336,8 @@ class PathInterpreter:
           f"The network draws random numbers (`{name}` at {self.where(eqn)}): the path network must "
           "be deterministic. Build `apply_fn` in inference mode (e.g. dropout with "
           "deterministic=True / train=False, or model.eval() for NNX).")
-    if name in _CALLS:
-      opened = _subjaxpr(eqn)
+    if name in CALLS:
+      opened = subjaxpr(eqn)
       if opened is None:
         raise self.unsupported(eqn, "it calls a sub-computation this interpreter cannot open")
       inner, inner_consts = opened
@@ -308,7 +365,14 @@ class PathInterpreter:
       return self._sign_select(eqn, invals)
     if all(v.kind == Kind.CONST for v in invals):
       return self._constant(eqn, invals)
-    return self._rule(eqn, invals)
+    if name in _COMPARISONS:
+      return self._sign_test(eqn, invals)
+    rule = RULES.get(name)
+    out = _Out(self, eqn, invals)
+    if rule is None:
+      raise self.unsupported(eqn, "it acts on activations" if out.kind == Kind.ACT
+                             else "it derives a weight non-monomially from parameters")
+    return rule(self, eqn, invals, out)
 
   def _sign_select(self, eqn, invals):
     """`where(x > 0, x, a·x)` and `where(x > 0, x, 0)`: ReLU and leaky ReLU, the identity here.
@@ -331,8 +395,7 @@ class PathInterpreter:
       # where(x > 0, 0, x) = min(x, 0): zero on the path network's positive values, but still
       # an activation, so that a nonlinearity applied to it (ELU's expm1) is caught.
       return [_Val(Kind.ACT, jnp.zeros(eqn.outvars[0].aval.shape, self.dtype))]
-    self._note(eqn, "relu (identity)", taken.value, invals)
-    return [taken]
+    return [self.activation(eqn, taken, "relu (identity)")]
 
   def _constant(self, eqn, invals):
     bind_params = eqn.primitive.get_bind_params(eqn.params)
@@ -342,161 +405,6 @@ class PathInterpreter:
       out = eqn.primitive.bind(*subfuns, *[v.value for v in invals], **params)
     outs = out if eqn.primitive.multiple_results else [out]
     return [_Val(Kind.CONST, o) for o in outs]
-
-  # ----------------------------------------------------------------------------- rules
-  def _rule(self, eqn, invals: list[_Val]) -> list[_Val]:
-    name = eqn.primitive.name
-    kind = max(v.kind for v in invals)
-    leaves = frozenset().union(*(v.leaves for v in invals))
-
-    act = [v for v in invals if v.kind == Kind.ACT]
-    act_scale = act[0].log_scale if act else 0.0
-    # Scaling by constants keeps an activation's identity, for the sign tests of leaky ReLU.
-    keeps_origin = len(act) == 1 and all(v.kind == Kind.CONST for v in invals if v is not act[0])
-    same = name in _IDENTITY or name in ("mul", "div", "max", "sharding_constraint", "reshard",
-                                         "mesh_cast", "copy", "copy_p")
-
-    def result(value, role=None, param_role=None, log_scale=act_scale, renormalise=False):
-      if kind == Kind.ACT and role is not None:
-        self._note(eqn, role, value, invals, param_role)
-      values = value if eqn.primitive.multiple_results else [value]
-      if kind != Kind.ACT:
-        return [_Val(kind, v, leaves if kind == Kind.PARAM else frozenset()) for v in values]
-      if renormalise:
-        pairs = [self.normalise(v, log_scale) for v in values]
-      else:
-        pairs = [(v, log_scale) for v in values]
-      origin = act[0].origin if keeps_origin and same else None
-      return [_Val(kind, v, log_scale=ls, origin=origin) for v, ls in pairs]
-
-    if name in _IDENTITY:
-      (val,) = invals
-      return result(val.value)
-
-    if kind == Kind.ACT and (name in _SHARDING or (
-        name in ("reshard", "mesh_cast") and _on_stand_in_mesh(eqn.params.get("dst_sharding")))):
-      # Placement only; the single example of the path network cannot follow a batch layout.
-      return result(invals[0].value)
-
-    if name in _LAYOUT:
-      out = eqn.primitive.bind(invals[0].value, *[v.value for v in invals[1:]], **eqn.params)
-      return result(out)
-
-    if name in _ADDITIVE:
-      (a, b), common = self.align(invals, kind)
-      out = lax.add(*jnp.broadcast_arrays(a, b)) if np.shape(a) != np.shape(b) else lax.add(a, b)
-      param_inputs = any(v.kind == Kind.PARAM for v in invals)
-      role = "bias" if param_inputs else ("sum of activations" if all(
-          v.kind == Kind.ACT for v in invals) else "constant bias")
-      return result(out, role, "bias", log_scale=common, renormalise=True)
-
-    if name in _LINEAR:
-      index_slot = _INDEX_OPERANDS.get(name, slice(0, 0))
-      for idx in invals[index_slot]:
-        if idx.kind != Kind.CONST:
-          raise self.unsupported(eqn, "its indices (or selector) depend on the "
-                             + ("input" if idx.kind == Kind.ACT else "parameters"))
-      index_positions = range(len(invals))[index_slot]
-      summed = [v for i, v in enumerate(invals) if i not in index_positions]
-      aligned, common = self.align(summed, kind)
-      aligned_iter = iter(aligned)
-      operands = [v.value if i in index_positions else next(aligned_iter)
-                  for i, v in enumerate(invals)]
-      out = eqn.primitive.bind(*operands, **eqn.params)
-      role = {"reduce_window_sum": "sum pooling", "concatenate": "concatenate",
-              "pad": None, "select_n": "select"}.get(name)
-      return result(out, role, "bias" if name in ("concatenate", "pad", "select_n") else None,
-                    log_scale=common, renormalise=len(summed) > 1)
-
-    if name == "mul":
-      a, b = invals
-      if a.kind == Kind.ACT and b.kind == Kind.ACT:
-        raise self.unsupported(eqn, "both factors depend on the input")
-      x, y = (self.operand(v, 0.0) if v.kind == Kind.PARAM and kind == Kind.ACT
-              else self.lift(v, kind) for v in invals)
-      out = lax.mul(x, y) if np.shape(x) == np.shape(y) else jnp.multiply(x, y)
-      return result(out, "scale", "weight", renormalise=True)
-
-    if name == "div":
-      a, b = invals
-      if b.kind != Kind.CONST:
-        raise self.unsupported(eqn, "the divisor depends on the "
-                           + ("input" if b.kind == Kind.ACT else "parameters"))
-      inv = 1.0 / self.power(b.value)
-      out = a.value * inv
-      return result(out, "scale by constant", renormalise=True)
-
-    if name in ("dot_general", "conv_general_dilated"):
-      a, b = invals
-      if a.kind == Kind.ACT and b.kind == Kind.ACT:
-        raise self.unsupported(eqn, "both operands depend on the input")
-      # Full precision: κ feeds a division, and TPUs otherwise multiply f32 in bfloat16.
-      params = dict(eqn.params, preferred_element_type=None,
-                    precision=(lax.Precision.HIGHEST, lax.Precision.HIGHEST))
-      if name == "dot_general" and self._is_powered_matvec(eqn, a, b):
-        self.operand(b, 0.0)  # registers the leaf's use (gradient exponent 0)
-        out = _powered_matvec(a.value, *b.raw, self.p)
-        return result(out, "dense", "weight", renormalise=True)
-      x, y = (self.operand(v, 0.0) if v.kind == Kind.PARAM and kind == Kind.ACT
-              else self.lift(v, kind) for v in invals)
-      out = eqn.primitive.bind(x, y, **params)
-      return result(out, "dense" if name == "dot_general" else "conv", "weight",
-                    renormalise=True)
-
-    if name == "integer_pow" or name == "square":
-      (a,) = invals
-      y = eqn.params.get("y", 2)
-      if kind == Kind.ACT or y < 1:
-        raise self.unsupported(eqn, "it raises an activation to a power" if kind == Kind.ACT
-                           else "a negative power of a weight is not a path weight")
-      return result(a.value ** y)
-
-    if name == "abs" and kind == Kind.PARAM:
-      return result(invals[0].value)
-
-    if name == "max":
-      return self._relu(eqn, invals, result)
-
-    if name in _COMPARISONS:
-      return self._sign_test(eqn, invals)
-
-    if name in ("reduce_max", "reduce_window_max", "argmax") and kind == Kind.ACT:
-      if name == "argmax":
-        raise self.unsupported(eqn, "the output of argmax is not linear in the activations")
-      if name == "reduce_max":
-        out = jnp.sum(invals[0].value, axis=tuple(eqn.params["axes"]))
-      else:
-        out = lax.reduce_window_sum_p.bind(invals[0].value, **eqn.params)
-      return result(out, "max pooling (sum over window)")
-
-    detail = ("it acts on activations" if kind == Kind.ACT
-              else "it derives a weight non-monomially from parameters")
-    raise self.unsupported(eqn, detail)
-
-  def _is_powered_matvec(self, eqn, a: _Val, b: _Val) -> bool:
-    """`x @ W` on one example with W a large parameter leaf: the common dense layer."""
-    (contract_a, contract_b), (batch_a, batch_b) = eqn.params["dimension_numbers"]
-    shape_a = np.shape(a.value)
-    return (a.kind == Kind.ACT and b.kind == Kind.PARAM and b.raw is not None
-            and not batch_a and not batch_b and np.ndim(b.value) == 2
-            and tuple(contract_b) == (0,) and tuple(contract_a) == (len(shape_a) - 1,)
-            and math.prod(shape_a[:-1]) == 1 and np.size(b.value) >= _MATVEC_MIN_SIZE
-            and self.gradient_exponents.get(next(iter(b.leaves)), 0.0) == 0.0
-            and isinstance(self.gradient_exponents.get(next(iter(b.leaves)), 0.0), float))
-
-  def _relu(self, eqn, invals, result):
-    a, b = invals
-    act, other = (a, b) if a.kind >= b.kind else (b, a)
-    if act.kind == Kind.ACT and other.kind == Kind.CONST:
-      c = _concrete(other.value)
-      if c is None:
-        raise self.unsupported(eqn, "its threshold is not a compile-time constant, so it cannot be "
-                           "checked to be a ReLU (max(x, 0))")
-      if np.all(c == 0):
-        return result(act.value, "relu (identity)")
-      raise self.unsupported(eqn, "max(x, c) with c != 0 is not positively homogeneous")
-    raise self.unsupported(eqn, "a maximum of activations or parameters (maxout) is not a path "
-                       "network operation; only max(x, 0) (ReLU) is")
 
   def _sign_test(self, eqn, invals):
     """Comparisons of an activation with 0: true activations are positive in the path network.
@@ -560,6 +468,7 @@ class PathInterpreter:
 
     def carried(val: _Val, kind: Kind):
       """(value, log-scale) of a carry lifted to the loop's kind for it."""
+      val = self.flush(val)
       if kind == Kind.ACT and val.kind == Kind.ACT:
         return val.value, jnp.asarray(val.log_scale, self.dtype)
       if kind == Kind.ACT and val.kind == Kind.PARAM:
@@ -576,7 +485,8 @@ class PathInterpreter:
         self.loop_depth -= 1
       y_kinds_out[:] = [o.kind for o in outs[n_carry:]]
       new_carry = [carried(o, k) for o, k in zip(outs[:n_carry], carry_kinds)]
-      ys = [(o.value, jnp.asarray(o.log_scale, self.dtype)) for o in outs[n_carry:]]
+      ys = [(o.value, jnp.asarray(o.log_scale, self.dtype))
+            for o in map(self.flush, outs[n_carry:])]
       return new_carry, ys, [o.kind for o in outs[:n_carry]]
 
     def lifted_init(kinds):

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pathsgd_jax._errors import PathNetworkError
+from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._interpreter import Kind, Operation, PathInterpreter, _Val  # noqa: F401
 from pathsgd_jax._numerics import check_p, power, power_leaf, times_pow2  # noqa: F401
+from pathsgd_jax._statistics import batch_struct, evaluate_statistics, find_statistics
 from pathsgd_jax._tracing import (_check_no_masked_nodes, _leaf_name, _resolve_mask,
                                   _single_example, _trace)
 
@@ -59,13 +60,18 @@ class PathNetwork:
     self.dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     abstract_params = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
     self.input_struct = jax.tree.map(_single_example, self.example_input)
+    self._abstract_params = abstract_params
     self.closed_jaxpr = _trace(self.apply_fn, self.treedef, abstract_params,
                                self.input_struct, self.leaf_names)
     self._shiftable = None
+    self.leaf_groups = None  # per leaf, the leaf heading its group of neurons (first run)
+    self._statistics_plan = None  # set by the first evaluation if the net reads batch stats
+    self._batched_traces = {}
 
-  def path_sum(self, powered: Sequence[jax.Array], constants: Sequence[Any],
-               interpreter: PathInterpreter | None = None, raw: Sequence[Any] | None = None):
-    """g(v) = Σ_outputs N(v, 1) as (mantissa, exponent, gradient exponents).
+  def path_sum(self, weights: Sequence[jax.Array], constants: Sequence[Any],
+               interpreter: PathInterpreter | None = None,
+               deltas: Sequence[jax.Array] | None = None, inputs: Any = None):
+    """g(v) = Σ_outputs N(v, 1) at v = |θ|^p, as (mantissa, exponent, gradient exponents).
 
     g = mantissa · 2^exponent. The path network renormalises by powers of two as it goes, so
     this is exact to rounding and free of overflow whatever the size of g and of the path
@@ -74,31 +80,43 @@ class PathNetwork:
     (see `PathInterpreter.operand`).
 
     Args:
-      powered: ``|θ|^p`` for each included leaf (in the compute dtype), in leaf order.
+      weights: the included leaves θ (their true values), in leaf order.
       constants: the real values of the excluded leaves, in leaf order.
       interpreter: an interpreter to record with; a fresh one by default.
-      raw: optional (w, δ) per included leaf with powered = |w|^p + δ, δ = 0, for the fast
-        dense path; the gradient then belongs to δ.
+      deltas: optional zeros δ per included leaf, added to |θ|^p: differentiate with respect
+        to them for κ (dense layers then skip forming |θ|^p at full size).
+      inputs: the batch being trained on; needed (only) by networks that normalise with
+        batch statistics, which are computed from it (see `_statistics`).
     """
     interp = interpreter or PathInterpreter(self.p, self.dtype, self.leaf_names)
-    interp.shiftable = self._shiftable_leaves(powered, constants)
-    mantissa, exponent = self._evaluate(powered, constants, interp, raw)
+    shiftable = self._shiftable_leaves(weights, constants)
+    # Gradient exponents are for κ, whose caller undoes them; a true gradient has none.
+    interp.shiftable = shiftable if interp.kappa_rule else frozenset()
+    if self._statistics_plan is not None:
+      interp.statistics = self._statistics(weights, constants, inputs)
+    mantissa, exponent = self._evaluate(weights, constants, interp, deltas)
     zero = jnp.zeros((), self.dtype)
     gradient_exponents = [lax.stop_gradient(jnp.asarray(interp.gradient_exponents.get(i, zero),
                                                         self.dtype))
                           for i, inc in enumerate(self.included) if inc]
     return mantissa, exponent, gradient_exponents
 
-  def _evaluate(self, powered, constants, interp, raw=None):
-    powered_iter, constant_iter = iter(powered), iter(constants)
-    raw_iter = iter(raw) if raw is not None else None
+  def _evaluate(self, weights, constants, interp, deltas=None):
+    weight_iter, constant_iter = iter(weights), iter(constants)
+    delta_iter = iter(deltas) if deltas is not None else None
     args = []
     for i, inc in enumerate(self.included):
-      if inc:
-        args.append(_Val(Kind.PARAM, next(powered_iter), frozenset({i}),
-                         raw=next(raw_iter) if raw_iter is not None else None))
-      else:
+      if not inc:
         args.append(_Val(Kind.CONST, next(constant_iter)))
+        continue
+      w = next(weight_iter)
+      powered = power_leaf(w, self.p, self.dtype)
+      raw = None
+      if delta_iter is not None:
+        delta = next(delta_iter)
+        powered, raw = powered + delta, (w, delta)
+      args.append(_Val(Kind.PARAM, powered, frozenset({i}), raw=raw,
+                       signed=lambda w=w: w))
     for struct in jax.tree.leaves(self.input_struct):
       args.append(_Val(Kind.ACT, jnp.ones(struct.shape, self.dtype)))
     jaxpr = self.closed_jaxpr
@@ -106,6 +124,7 @@ class PathNetwork:
     summed = []
     for out in outs:
       if out.kind == Kind.ACT:
+        out = interp.flush(out)
         summed.append(dataclasses.replace(out, value=jnp.sum(out.value)))
       elif jnp.issubdtype(jnp.result_type(out.value), jnp.inexact):  # paths from biases only
         summed.append(_Val(Kind.PARAM, jnp.sum(interp.lift(out, Kind.ACT))))
@@ -114,12 +133,71 @@ class PathNetwork:
     values, exponent = interp.align(summed, Kind.ACT)
     return sum(values[1:], values[0]), jnp.asarray(exponent, self.dtype)
 
-  def _shiftable_leaves(self, powered, constants) -> frozenset[int]:
-    """Leaves whose gradient may be returned with an exponent: found by a shape-only run."""
+  def _shiftable_leaves(self, weights, constants) -> frozenset[int]:
+    """Leaves whose gradient may be returned with an exponent: found by a shape-only run.
+
+    The same run finds out whether the network reads batch statistics: a train-mode
+    BatchNorm fails to read at batch size 1 without them, and reads with them.
+    """
     if self._shiftable is None:
+      structs = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in weights]
       dry = PathInterpreter(self.p, self.dtype, self.leaf_names)
-      structs = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in powered]
-      jax.eval_shape(lambda v: self._evaluate(v, constants, dry), structs)
+      try:
+        jax.eval_shape(lambda v: self._evaluate(v, constants, dry), structs)
+      except UnsupportedOperationError as error:
+        plan, batched = self._find_statistics()
+        if plan is None:
+          raise
+        abstract = {index: [jnp.zeros(v.aval.shape, v.aval.dtype)
+                            for v in batched.jaxpr.eqns[index].outvars] for index in plan.roots}
+        dry = PathInterpreter(self.p, self.dtype, self.leaf_names, statistics={
+            id(self.closed_jaxpr.jaxpr): {"live": plan.live, "values": abstract}})
+        try:
+          jax.eval_shape(lambda v: self._evaluate(v, constants, dry), structs)
+        except UnsupportedOperationError as second:
+          raise second from error
+        self._statistics_plan = plan
       self._shiftable = frozenset(
           i for i, inc in enumerate(self.included) if inc and i not in dry.unshiftable)
+      self.leaf_groups = [dry.group(i) for i in range(len(self.included))]
     return self._shiftable
+
+  def _input_kinds(self):
+    kinds = [Kind.PARAM if inc else Kind.CONST for inc in self.included]
+    return kinds + [Kind.ACT] * len(jax.tree.leaves(self.input_struct))
+
+  def _batched_trace(self, struct):
+    key = str(jax.tree.map(lambda s: (tuple(s.shape), str(s.dtype)), struct))
+    if key not in self._batched_traces:
+      self._batched_traces[key] = _trace(self.apply_fn, self.treedef, self._abstract_params,
+                                         struct, self.leaf_names)
+    return self._batched_traces[key]
+
+  def _find_statistics(self):
+    batched = self._batched_trace(batch_struct(self.example_input, 2))
+    plan = find_statistics(self.closed_jaxpr.jaxpr, batched.jaxpr, self._input_kinds())
+    return plan, batched
+
+  def _statistics(self, weights, constants, inputs):
+    """The batch statistics of ``inputs`` at the current weights, for the interpreter."""
+    if inputs is None or any(isinstance(x, jax.ShapeDtypeStruct)
+                             for x in jax.tree.leaves(inputs)):
+      raise PathNetworkError(
+          "This network normalises with the statistics of its batch (e.g. BatchNorm in train "
+          "mode): its path network is the network folded at the current batch's statistics, "
+          "so it needs that batch. Pass it: `tx.update(grads, opt_state, params, inputs=x)` "
+          "(nnx: `optimizer.update(model, grads, inputs=x)`), or a real batch as "
+          "`example_input` of path_scales/path_norm/path_structure. Or trace `apply_fn` in "
+          "eval mode (train=False / use_running_average=True).")
+    struct = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+                          inputs)
+    batched = self._batched_trace(struct)
+    if len(batched.jaxpr.eqns) != len(self.closed_jaxpr.jaxpr.eqns):
+      raise PathNetworkError("apply_fn traces to a different program at the batch size of "
+                             "`inputs`; its batch statistics cannot be located.")
+    weight_iter, constant_iter = iter(weights), iter(constants)
+    leaves = [next(weight_iter) if inc else next(constant_iter) for inc in self.included]
+    values = evaluate_statistics(batched, self._statistics_plan,
+                                 leaves + jax.tree.leaves(inputs))
+    return {id(self.closed_jaxpr.jaxpr): {"live": self._statistics_plan.live,
+                                          "values": values}}

@@ -225,7 +225,8 @@ def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
   """
   net = PathNetwork(apply_fn, params, example_input, check_p(p), mask)
   interpreter = PathInterpreter(net.p, net.dtype, net.leaf_names, record=True)
-  scales = compute_scales(net, params, normalize=False, interpreter=interpreter)
+  scales = compute_scales(net, params, normalize=False, interpreter=interpreter,
+                          inputs=example_input)
   leaves = net.treedef.flatten_up_to(params)
   reports = []
   for i, (name, leaf, k, lost) in enumerate(zip(net.leaf_names, leaves, scales.kappa,

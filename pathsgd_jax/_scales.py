@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pathsgd_jax._pathnet import PathNetwork, check_p, power, power_leaf, times_pow2
+from pathsgd_jax._pathnet import PathInterpreter, PathNetwork, check_p, power, times_pow2
 
 try:
   from jax.experimental.shard_alike import shard_alike
@@ -23,13 +23,6 @@ except ImportError:  # JAX >= 0.12: no layout hint; a standalone jit picks κ's 
 ApplyFn = Callable[[Any, Any], Any]
 
 
-def _split(net: PathNetwork, params):
-  leaves = net.treedef.flatten_up_to(params)
-  powered = [power_leaf(x, net.p, net.dtype) for x, inc in zip(leaves, net.included) if inc]
-  constants = [x for x, inc in zip(leaves, net.included) if not inc]
-  return leaves, powered, constants
-
-
 class Scales(NamedTuple):
   """κ of one evaluation of the path network, with what a user may want to check.
 
@@ -39,14 +32,18 @@ class Scales(NamedTuple):
     unrepresentable: per κ leaf, a boolean mask of the entries whose κ does not fit the
       compute dtype (inf, or 0 although a live path runs through them); their update is 0.
       Lazy: nothing is computed unless it is used (the optimizer does not use it).
+    groups: per leaf, the index of the leaf heading its group: leaves that form the same
+      affine neurons (a layer's kernel and bias, a folded BatchNorm's scale and shift).
   """
 
   log_path_sum: jax.Array
   kappa: list[jax.Array]
   unrepresentable: list[jax.Array]
+  groups: list[int]
 
 
-def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=None) -> Scales:
+def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=None,
+                   inputs=None) -> Scales:
   """κ (or κ/φ_p² when ``normalize``) at v = |θ|^p, without overflow on the way.
 
   The path network gives g = m·2^e with m of order one and ∂(log m)/∂v = (∂g/∂v)/g, free
@@ -62,9 +59,8 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
   def log_mantissa(deltas):
     # Differentiated through δ = 0 added to v = |θ|^p: same gradient, and dense layers can
     # then skip forming |θ|^p at full size (`_powered_matvec`).
-    powered = [power_leaf(w, net.p, net.dtype) + d for w, d in zip(weights, deltas)]
-    return _log_mantissa(*net.path_sum(powered, constants, interpreter,
-                                       raw=list(zip(weights, deltas))))
+    return _log_mantissa(*net.path_sum(weights, constants, interpreter, deltas=deltas,
+                                       inputs=inputs))
 
   deltas = [jnp.zeros_like(w, dtype=net.dtype) for w in weights]  # with w's sharding
   (_, (mantissa, exponent, gradient_exponents)), dlog = jax.value_and_grad(
@@ -97,7 +93,7 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
   # Without a hint, GSPMD may lay κ out unlike its parameter (replicated, or sharded like
   # the row sums it comes from) when the caller does not constrain it.
   kappas = [shard_alike(kappa, x)[0] for kappa, x in zip(kappas, leaves)]
-  return Scales(log_g, kappas, unrepresentable)
+  return Scales(log_g, kappas, unrepresentable, list(net.leaf_groups))
 
 
 def _log_mantissa(mantissa, exponent, gradient_exponents=()):
@@ -178,7 +174,7 @@ def path_scales(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mas
     Networks <https://arxiv.org/abs/1506.02617>`_, NIPS 2015.
   """
   net = PathNetwork(apply_fn, params, example_input, check_p(p), mask)
-  scales = compute_scales(net, params, normalize=normalize)
+  scales = compute_scales(net, params, normalize=normalize, inputs=example_input)
   return net.treedef.unflatten(scales.kappa)
 
 
@@ -213,8 +209,12 @@ def path_norm(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0, mask=
     <https://arxiv.org/abs/1503.00036>`_, COLT 2015.
   """
   net = PathNetwork(apply_fn, params, example_input, check_p(p), mask)
-  _, powered, constants = _split(net, params)
-  mantissa, exponent, _ = net.path_sum(powered, constants)
+  leaves = net.treedef.flatten_up_to(params)
+  weights = [x for x, inc in zip(leaves, net.included) if inc]
+  constants = [x for x, inc in zip(leaves, net.included) if not inc]
+  # The true gradient of φ_p (a regulariser), not the κ rule's, for folded biases.
+  interpreter = PathInterpreter(net.p, net.dtype, net.leaf_names, kappa_rule=False)
+  mantissa, exponent, _ = net.path_sum(weights, constants, interpreter, inputs=example_input)
   total = times_pow2(mantissa, exponent)
   fits = jnp.isfinite(total) & (total > 0)
   # Outside the float range the root is taken in logs: φ_p itself may still fit.

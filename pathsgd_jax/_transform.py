@@ -50,6 +50,36 @@ def _safe_divide(update, kappa):
   return jnp.where(positive, scaled, 0).astype(update.dtype)
 
 
+def _trust_region(directions, kappa, weights, heads, learning_rate, limit):
+  """The directions, scaled down together if the step leaves the path-metric trust region.
+
+  For each group G of leaves (the leaves of the same affine neurons: a layer's kernel and
+  bias, a folded BatchNorm's scale and shift) the relative step is
+  ρ_G = η·(Σ_G u²κ / Σ_G w²κ)^½, both sums rescaling invariant; a group that is exactly 0 is
+  left out (it can leave 0). A path crosses many groups and its product changes by about the
+  sum of their ρ_G, so the whole update is scaled by ``limit / Σ_G ρ_G`` where that sum
+  exceeds ``limit``. Where it does not, the directions are returned unchanged (a select).
+  """
+  step, mass = {}, {}
+  for u, k, w, head in zip(directions, kappa, weights, heads):
+    if head is None:
+      continue
+    u = u.astype(k.dtype)
+    step[head] = step.get(head, 0.0) + jnp.sum(u * u * k)
+    mass[head] = mass.get(head, 0.0) + jnp.sum(jnp.square(w.astype(k.dtype)) * k)
+  if not step:
+    return directions
+  dtype = next(iter(mass.values())).dtype
+  rate = jnp.abs(jnp.asarray(learning_rate, dtype))
+  total = sum(jnp.where(mass[h] > 0, rate * jnp.sqrt(step[h] / jnp.where(mass[h] > 0, mass[h], 1)),
+                        0.0) for h in step)
+  # A non-finite gradient passes through as it came (as optax.sgd's does), unclipped.
+  exceeded = jnp.isfinite(total) & (total > limit)
+  factor = limit / jnp.where(exceeded, total, 1.0)
+  return [u if head is None else jnp.where(exceeded, (u.astype(dtype) * factor).astype(u.dtype), u)
+          for u, head in zip(directions, heads)]
+
+
 def _check_number(name, value, *, low, high=float("inf"), low_open=False, high_open=False):
   """Validates a hyperparameter that is a Python or concrete number (arrays from
   ``optax.inject_hyperparams`` are checked when concrete, passed through when traced)."""
@@ -100,6 +130,8 @@ def scale_by_path_norm(
     mask: Any = None,
     refresh_every: int = 1,
     normalize: bool = False,
+    max_relative_step: float | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Divides each update by its path scale κ, computed from the current parameters.
 
@@ -124,9 +156,35 @@ def scale_by_path_norm(
     normalize: divide by κ/φ_p² instead of κ: the step is multiplied by φ_p², a rescaling-
       invariant scalar, which makes one learning rate fit networks of any depth and keeps κ
       representable where raw κ overflows float32 (deep networks).
+    max_relative_step: the trust region for near-dead branches (see below), or None. Needs
+      ``learning_rate``; :func:`path_sgd` sets both.
+    learning_rate: the learning rate (or schedule) the update will be multiplied by, used only
+      to measure the step for ``max_relative_step``.
+
+  Near-dead branches. A branch whose every path is nearly 0 (a residual block whose last
+  BatchNorm scale starts at 0, a dying unit) has κ ∝ s² and gradients ∝ s for its weights, so
+  their Path-SGD steps grow like 1/s: exact steepest descent in the path geometry, but far
+  outside the region where the first-order model holds, and in a few steps inf/NaN. With
+  ``max_relative_step = r`` the step is limited, in the path metric, to r times the network:
+  for each group G of leaves (those of the same affine neurons: a layer's kernel and bias, a
+  BatchNorm's scale and shift folded into the layer before it; found in the path network)
+
+  .. math::
+     ρ_G = η\,\Big(\textstyle\sum_{e \in G} u_e^2 κ_e \big/ \sum_{e \in G} w_e^2 κ_e\Big)^{1/2},
+     \qquad \textstyle\sum_G ρ_G \le r,
+
+  and the whole update is scaled down by ``r / Σ_G ρ_G`` when it is exceeded. A path's
+  product changes by about the sum of the ρ_G of the groups it crosses, so this bounds the
+  relative change of every path. Each term ``u_e²κ_e`` and ``w_e²κ_e`` (the path mass through
+  e) is invariant under node rescalings, so the clipped update is still rescaling invariant.
+  Groups that are exactly 0 (a block behind a zero-initialised scale at the first step) are
+  left out, so they can leave 0. On the paper's MLPs at their learning rates Σ_G ρ_G stays
+  below 0.15: the limit is never reached. The step is measured before momentum.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires ``params``.
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires ``params``;
+    networks that normalise with batch statistics (train-mode BatchNorm) also need the batch:
+    ``update(grads, state, params, inputs=x)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, pathsgd_jax as psgd
@@ -147,10 +205,18 @@ def scale_by_path_norm(
   refresh_every = _check_refresh(refresh_every)
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
+  if max_relative_step is not None:
+    _check_number("max_relative_step", max_relative_step, low=0.0, low_open=True)
+    if learning_rate is None:
+      raise ValueError("max_relative_step needs the learning_rate the update is scaled by "
+                       "(path_sgd passes it); pass learning_rate= too.")
 
-  def scales_of(params) -> list:
+  groups = {}  # static, from the trace: leaf -> group head (None for excluded leaves)
+
+  def scales_of(params, inputs) -> list:
     net = PathNetwork(apply_fn, params, example_input, p, mask)
-    scales = compute_scales(net, params, normalize=normalize)
+    scales = compute_scales(net, params, normalize=normalize, inputs=inputs)
+    groups["heads"] = [g if inc else None for g, inc in zip(scales.groups, net.included)]
     return scales.kappa
 
   def init_fn(params):
@@ -162,25 +228,30 @@ def scale_by_path_norm(
     kappa = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=_compute_dtype()), params)
     return ScaleByPathNormState(count, kappa)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, inputs=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError(_NO_PARAMS)
     if state.kappa is None:  # refresh_every == 1, decided when the state was made
-      kappa = scales_of(params)
+      kappa = scales_of(params, inputs)
       cached = None
     else:
       cached_structure = jax.tree.structure(state.kappa)
 
       def refresh(params):
-        kappa = map(_like, scales_of(params), jax.tree.leaves(state.kappa))
+        kappa = map(_like, scales_of(params, inputs), jax.tree.leaves(state.kappa))
         return cached_structure.unflatten(list(kappa))
 
       cached = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda _: state.kappa,
                             params)
       kappa = jax.tree.leaves(cached)
     treedef = jax.tree.structure(updates)
-    updates = treedef.unflatten(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
+    directions = list(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
+    if max_relative_step is not None:
+      rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
+      directions = _trust_region(directions, kappa, treedef.flatten_up_to(params),
+                                 groups["heads"], rate, max_relative_step)
+    updates = treedef.unflatten(directions)
     count = optax.safe_int32_increment(state.count)
     return updates, ScaleByPathNormState(count, cached)
 
@@ -198,6 +269,7 @@ def path_sgd(
     mask: Any = None,
     refresh_every: int = 1,
     normalize: bool = False,
+    max_relative_step: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Path-SGD: stochastic gradient descent preconditioned by the path scales.
 
@@ -220,9 +292,14 @@ def path_sgd(
     refresh_every: recompute κ every this many steps (1 = the paper's rule).
     normalize: precondition by κ/φ_p² instead of κ (see :func:`scale_by_path_norm`): one
       learning rate then suits networks of any depth.
+    max_relative_step: limit each leaf's step to this multiple of the leaf, in the path
+      metric (a rescaling-invariant trust region that keeps near-dead branches, such as
+      zero-initialised residual scales, from diverging; inactive on healthy networks; see
+      :func:`scale_by_path_norm`). None turns it off.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`; ``update`` requires ``params``.
+    An :class:`optax.GradientTransformationExtraArgs`; ``update`` requires ``params`` (and
+    ``inputs=`` the batch, for networks with train-mode BatchNorm).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, pathsgd_jax as psgd
@@ -248,7 +325,8 @@ def path_sgd(
     _check_number("learning_rate", learning_rate, low=0.0, low_open=True)
   return optax.chain(
       scale_by_path_norm(apply_fn, example_input, p=p, mask=mask, refresh_every=refresh_every,
-                         normalize=normalize),
+                         normalize=normalize, max_relative_step=max_relative_step,
+                         learning_rate=learning_rate),
       optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
       else optax.identity(),
       optax.scale_by_learning_rate(learning_rate),

@@ -35,7 +35,10 @@ def apply_fn(module: nn.Module, *, variables: Mapping[str, Any] | None = None,
       eval-mode BatchNorm); they enter the path network as constants.
     method: the module method to call (default ``__call__``): a name (``"encode"``), an
       unbound method (``Model.encode``) or a function ``method(module, x, **kwargs)``.
-    **kwargs: forwarded to ``module.apply`` (and so to ``method``).
+    **kwargs: forwarded to ``module.apply`` (and so to ``method``). With ``mutable=``
+      (train-mode BatchNorm: ``train=True, mutable=['batch_stats']``) only the outputs are
+      returned; the network is then read at the statistics of the batch the optimizer is given
+      (``tx.update(..., inputs=x)``, see :func:`apply_gradients`).
 
   Returns:
     ``apply_fn(params, x)``.
@@ -87,9 +90,12 @@ def apply_fn(module: nn.Module, *, variables: Mapping[str, Any] | None = None,
         f"{_signature.describe(label, sig)} needs {names}, which apply_fn(params, x) cannot "
         f"supply: pass the inference-mode value, pathsgd_jax.linen.apply_fn(model, {example}).")
 
+  returns_state = bool(call_kwargs.get("mutable"))  # train mode: (outputs, new collections)
+
   def fn(params, x):
     try:
-      return module.apply({"params": params, **extra}, x, method=method, **call_kwargs)
+      out = module.apply({"params": params, **extra}, x, method=method, **call_kwargs)
+      return out[0] if returns_state else out
     except flax.errors.InvalidRngError as e:
       known = ", ".join(f"{k}={v}" for k, v in _signature.EVAL_KEYWORDS.items())
       used = ", ".join(f"{k}={v!r}" for k, v in call_kwargs.items()) or "no keywords"
@@ -101,3 +107,27 @@ def apply_fn(module: nn.Module, *, variables: Mapping[str, Any] | None = None,
 
   fn.apply_kwargs = dict(call_kwargs)
   return fn
+
+
+def apply_gradients(state, *, grads, inputs, **changes):
+  """``TrainState.apply_gradients`` that also hands the optimizer the batch ``inputs``.
+
+  Path-SGD on a network with train-mode BatchNorm folds it at the statistics of the batch
+  being trained on, so its ``update`` needs that batch; Flax's ``TrainState.apply_gradients``
+  passes no extra arguments to ``tx.update``. ``changes`` are set on the new state as well
+  (e.g. ``batch_stats=``), as in ``TrainState.apply_gradients``.
+
+  Args:
+    state: a ``flax.training.train_state.TrainState`` (or subclass).
+    grads: gradients like ``state.params``.
+    inputs: the batch the gradients were computed on.
+    **changes: other fields to replace.
+
+  Returns:
+    The new state, with ``step`` incremented.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, inputs=inputs)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state, **changes)

@@ -32,7 +32,7 @@ def _listing(names: list[str]) -> str:
 
 
 def apply_fn(model: nnx.Module, *, wrt: Any = nnx.Param,
-             method: Callable[..., Any] | None = None,
+             method: Callable[..., Any] | None = None, batch_statistics: bool = False,
              **kwargs: Any) -> Callable[[Any, Any], Any]:
   """Wraps an NNX model as ``apply_fn(params, x)`` over its ``wrt`` (``nnx.Param``) state.
 
@@ -54,6 +54,10 @@ def apply_fn(model: nnx.Module, *, wrt: Any = nnx.Param,
     wrt: the variable filter the optimizer differentiates (default ``nnx.Param``); the
       params must be ``nnx.state(model, wrt)``.
     method: optional ``method(model, x, **kwargs)`` to call instead of ``model(x, **kwargs)``.
+    batch_statistics: run every ``nnx.BatchNorm`` on the statistics of the batch (train
+      mode) while the rest of the model stays in eval mode (dropout off). Path-SGD then
+      reads the network folded at the current batch's statistics, so the optimizer needs the
+      batch: ``optimizer.update(model, grads, inputs=x)``.
     **kwargs: keyword arguments of the call.
 
   Returns:
@@ -123,6 +127,10 @@ def apply_fn(model: nnx.Module, *, wrt: Any = nnx.Param,
           f"statistics and RNG counters, which are not path weights).")
     copy = nnx.merge(graphdef, params, rest, copy=True)
     copy.eval()
+    if batch_statistics:
+      for _, module in copy.iter_modules():
+        if isinstance(module, nnx.BatchNorm):
+          module.use_running_average = False
     if method is None:
       return copy(x, **call_kwargs)
     return method(copy, x, **call_kwargs)

@@ -228,7 +228,11 @@ def test_flax_layer_and_rms_norm_rejected(kind):
     assert f"_WithNorm/{layer}_0" in msg, msg
 
 
-def test_flax_train_mode_batchnorm_rejected():
+def test_flax_train_mode_batchnorm_needs_the_batch():
+    """Train-mode BatchNorm reads the batch's statistics: without a batch, the error says how
+    to pass one (`inputs=`); with one, it is read (tests/test_batchnorm.py checks the values).
+
+    Guards against: the statistics path silently using stale or zero statistics."""
     module = _WithNorm("batchnorm")
     x = jax.random.normal(jax.random.key(1), (4, 3))
     variables = module.init(jax.random.key(0), x)
@@ -238,9 +242,17 @@ def test_flax_train_mode_batchnorm_rejected():
                               mutable=["batch_stats"])
         return out
 
-    msg = _error_message(apply_fn, variables["params"], x)
-    assert first_quoted(msg) == "square", msg  # the batch variance
-    assert "_WithNorm/BatchNorm_0" in msg, msg
+    shape_only = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    with pytest.raises(pathsgd_jax.PathNetworkError, match=r"statistics of its batch.*inputs=x"):
+        pathsgd_jax.path_scales(apply_fn, variables["params"], shape_only)
+    tx = pathsgd_jax.path_sgd(0.1, apply_fn, x)
+    state = tx.init(variables["params"])
+    grads = jax.tree.map(jnp.ones_like, variables["params"])
+    with pytest.raises(pathsgd_jax.PathNetworkError, match=r"tx\.update\(grads, opt_state, "
+                       r"params, inputs=x\)"):
+        tx.update(grads, state, variables["params"])
+    kappa = pathsgd_jax.path_scales(apply_fn, variables["params"], x)
+    assert all(bool(jnp.all(jnp.isfinite(k))) for k in jax.tree.leaves(kappa))
 
 
 class _EvalBatchNormMLP(nn.Module):

@@ -23,14 +23,10 @@ from reference import mlp_bruteforce, rescale_mlp_units
 
 WIDTHS = [3, 4, 3, 2]
 
-# jax.grad of path_norm w.r.t. the biases after the first layer comes out multiplied by a power
-# of two (x2, or x0.5 on the last bias of a deeper MLP): the path network's renormalisation
-# shifts the gradient of those leaves (the `_shifted` custom VJP that path_scales compensates),
-# and path_norm does not compensate it. Weights and first-layer biases are exact.
-BIAS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "core: path_norm's gradient keeps the path network's power-of-two gradient shift on "
-    "biases after the first layer"))
-LEAF_KINDS = ["w", pytest.param("b", marks=BIAS_BUG)]
+# Biases after the first layer guard against the path network's power-of-two gradient
+# shift (the `_shifted` VJP that κ undoes) leaking into the true gradient of path_norm: with
+# the shift kept, their gradient came out x2 (or x0.5) while weights stayed exact.
+LEAF_KINDS = ["w", "b"]
 
 
 def _reference_grad_phi_sq(layers, p):
@@ -52,10 +48,9 @@ def _grad_phi_sq(params, p):
     return jax.grad(lambda prm: psgd.path_norm(mz.mlp_apply, prm, x, p=p) ** 2)(params)
 
 
-# For p = 3 on this network the shift happens to be 2^0: exact, and kept as a plain test.
 @pytest.mark.parametrize("p,kind", [
     (1.0, "w"), (2.0, "w"), (3.0, "w"), (3.0, "b"),
-    pytest.param(1.0, "b", marks=BIAS_BUG), pytest.param(2.0, "b", marks=BIAS_BUG)])
+    (1.0, "b"), (2.0, "b")])
 def test_gradient_matches_bruteforce(p, kind):
     with jax.enable_x64(True):
         params = mz.init_mlp(jax.random.key(0), WIDTHS, dtype=jnp.float64)
