@@ -87,3 +87,27 @@ def describe(name: str, sig: inspect.Signature | None) -> str:
     return name
   plain = [param.replace(annotation=param.empty) for param in sig.parameters.values()]
   return f"{name}{sig.replace(parameters=plain, return_annotation=sig.empty)}"
+
+
+def method_signature(model, method) -> tuple[inspect.Signature | None, str]:
+  """The signature and label of what an adapter calls: ``model.__call__`` or
+  ``method(model, x, ...)``."""
+  if method is None:
+    return signature(model.__call__), f"{type(model).__name__}.__call__"
+  return signature(method, drop_first=True), getattr(method, "__qualname__", "method")
+
+
+def call_keywords(sig: inspect.Signature | None, label: str, kwargs: Mapping[str, Any],
+                  fix: Callable[[list[inspect.Parameter]], str]) -> dict[str, Any]:
+  """The keywords an adapter passes: the inference ones of ``sig``, overridden by ``kwargs``.
+
+  Raises a TypeError naming the arguments the adapter cannot supply, ending with ``fix``'s
+  advice for them.
+  """
+  call_kwargs = {**inference_kwargs(sig, kwargs), **kwargs}
+  missing = missing_arguments(sig, call_kwargs)
+  if missing:
+    names = ", ".join(f"`{param.name}`" for param in missing)
+    raise TypeError(f"{describe(label, sig)} needs {names}, which apply_fn(params, x) cannot "
+                    f"supply{fix(missing)}")
+  return call_kwargs

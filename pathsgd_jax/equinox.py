@@ -76,20 +76,10 @@ def apply_fn(model: eqx.Module, *, filter_spec: Any = eqx.is_array,
                     "pathsgd_jax.nnx.apply_fn.")
   if batch_axis is not None and not isinstance(batch_axis, int):
     raise ValueError(f"batch_axis must be an int or None, got {batch_axis!r}.")
-  if method is None:
-    sig = _signature.signature(model.__call__)
-    label = f"{type(model).__name__}.__call__"
-  else:
-    sig = _signature.signature(method, drop_first=True)
-    label = getattr(method, "__qualname__", "method")
-  call_kwargs = {**_signature.inference_kwargs(sig, kwargs), **kwargs}
-  missing = _signature.missing_arguments(sig, call_kwargs)
-  if missing:
-    names = ", ".join(f"`{param.name}`" for param in missing)
-    raise TypeError(
-        f"{_signature.describe(label, sig)} needs {names}, which apply_fn(params, x) cannot "
-        f"supply. Path-SGD runs the model in inference mode (no dropout key is used), so "
-        f"pass pathsgd_jax.equinox.apply_fn(model, {_signature.call_hint(missing, {})}).")
+  sig, label = _signature.method_signature(model, method)
+  call_kwargs = _signature.call_keywords(sig, label, kwargs, lambda missing: (
+      ". Path-SGD runs the model in inference mode (no dropout key is used), so pass "
+      f"pathsgd_jax.equinox.apply_fn(model, {_signature.call_hint(missing, {})})."))
   expected, static = eqx.partition(model, filter_spec)
   expected_structure = jax.tree.structure(expected)
 

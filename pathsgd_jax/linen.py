@@ -71,24 +71,16 @@ def apply_fn(module: nn.Module, *, variables: Mapping[str, Any] | None = None,
   if "params" in extra:
     raise ValueError("`variables` must not contain 'params': the optimizer supplies them. "
                      "Pass the other collections only, e.g. variables={'batch_stats': ...}.")
-  if method is None:
-    sig, label = _signature.signature(module.__call__), f"{type(module).__name__}.__call__"
-  elif isinstance(method, str):
+  if isinstance(method, str):
     target = getattr(module, method, None)
     if not callable(target):
       raise TypeError(f"method={method!r}: {type(module).__name__} has no method of that name.")
     sig, label = _signature.signature(target), f"{type(module).__name__}.{method}"
   else:
-    sig = _signature.signature(method, drop_first=True)
-    label = getattr(method, "__qualname__", "method")
-  call_kwargs = {**_signature.inference_kwargs(sig, kwargs), **kwargs}
-  missing = _signature.missing_arguments(sig, call_kwargs)
-  if missing:
-    names = ", ".join(f"`{param.name}`" for param in missing)
-    example = ", ".join(f"{param.name}=..." for param in missing)
-    raise TypeError(
-        f"{_signature.describe(label, sig)} needs {names}, which apply_fn(params, x) cannot "
-        f"supply: pass the inference-mode value, pathsgd_jax.linen.apply_fn(model, {example}).")
+    sig, label = _signature.method_signature(module, method)
+  call_kwargs = _signature.call_keywords(sig, label, kwargs, lambda missing: (
+      ": pass the inference-mode value, pathsgd_jax.linen.apply_fn(model, "
+      + ", ".join(f"{param.name}=..." for param in missing) + ")."))
 
   returns_state = bool(call_kwargs.get("mutable"))  # train mode: (outputs, new collections)
 

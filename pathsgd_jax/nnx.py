@@ -95,21 +95,10 @@ def apply_fn(model: nnx.Module, *, wrt: Any = nnx.Param,
     raise TypeError(f"pathsgd_jax.nnx.apply_fn expects a flax.nnx.Module, got "
                     f"{type(model).__name__}. For Linen use pathsgd_jax.linen.apply_fn, "
                     "for Equinox pathsgd_jax.equinox.apply_fn.")
-  if method is None:
-    sig = _signature.signature(model.__call__)
-    label = f"{type(model).__name__}.__call__"
-  else:
-    sig = _signature.signature(method, drop_first=True)
-    label = getattr(method, "__qualname__", "method")
-  call_kwargs = {**_signature.inference_kwargs(sig, kwargs), **kwargs}
-  missing = _signature.missing_arguments(sig, call_kwargs)
-  if missing:
-    names = ", ".join(f"`{param.name}`" for param in missing)
-    raise TypeError(
-        f"{_signature.describe(label, sig)} needs {names}, which apply_fn(params, x) cannot "
-        f"supply. Path-SGD runs the model in eval mode (model.eval(): dropout draws nothing), "
-        f"so pass pathsgd_jax.nnx.apply_fn(model, "
-        f"{_signature.call_hint(missing, {})}).")
+  sig, label = _signature.method_signature(model, method)
+  call_kwargs = _signature.call_keywords(sig, label, kwargs, lambda missing: (
+      ". Path-SGD runs the model in eval mode (model.eval(): dropout draws nothing), so pass "
+      f"pathsgd_jax.nnx.apply_fn(model, {_signature.call_hint(missing, {})})."))
 
   def fn(params, x):
     graphdef, expected, rest = nnx.split(model, wrt, ...)
