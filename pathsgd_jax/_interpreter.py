@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from pathsgd_jax._diagnostics import _ADVICE, _HINTS, _where
+from pathsgd_jax._diagnostics import _where, diagnose
 from pathsgd_jax._errors import UnsupportedOperationError
 from pathsgd_jax._numerics import _concrete, _shifted, binary_exponent, power, times_pow2
 from pathsgd_jax._rules import KEEPS_NEURON_OPEN, RULES, _Out, broadcast_op
@@ -107,6 +107,8 @@ class PathInterpreter:
     self.gradient_exponents: dict[int, jax.Array] = {}
     self.unshiftable: set[int] = set()
     self.loop_depth = 0
+    # When a list: unsupported operations are collected here instead of raised at once.
+    self.errors: list[UnsupportedOperationError] | None = None
     # Leaves that make up the same affine neurons (a layer's kernel, its bias, a folded
     # BatchNorm's scale and shift): union-find parents, for the trust region of path_sgd.
     self.group_parent: dict[int, int] = {}
@@ -114,13 +116,12 @@ class PathInterpreter:
   def where(self, eqn) -> str:
     return _where(eqn, self.callers)
 
-  def unsupported(self, eqn, detail: str) -> UnsupportedOperationError:
-    name = eqn.primitive.name
-    hint = _HINTS.get(name)
-    what = f"`{name}`" + (f" ({hint})" if hint else "")
+  def unsupported(self, eqn, detail: str, on_activations: bool = True
+                  ) -> UnsupportedOperationError:
+    what, advice = diagnose(eqn, self.callers, on_activations)
     return UnsupportedOperationError(
         f"The path network cannot contain {what}: {detail}. It was produced at "
-        f"{self.where(eqn)}. " + _ADVICE)
+        f"{self.where(eqn)}. {advice}")
 
   # ------------------------------------------------------------------------------ values
   def power(self, c) -> jax.Array:
@@ -330,6 +331,17 @@ class PathInterpreter:
             and all(v.tested is None for v in invals))
 
   def eqn(self, eqn, invals: list[_Val]) -> list[_Val]:
+    """The path-network values of one equation's outputs."""
+    try:
+      return self._eqn(eqn, invals)
+    except UnsupportedOperationError as error:
+      if self.errors is None or eqn.primitive.name in CALLS:
+        raise
+      # Collecting (the first, shape-only run): note it, go on as if it were an activation.
+      self.errors.append(error)
+      return [_Val(Kind.ACT, jnp.zeros(v.aval.shape, self.dtype)) for v in eqn.outvars]
+
+  def _eqn(self, eqn, invals: list[_Val]) -> list[_Val]:
     name = eqn.primitive.name
     if name in _STOCHASTIC:
       raise UnsupportedOperationError(
@@ -371,7 +383,8 @@ class PathInterpreter:
     out = _Out(self, eqn, invals)
     if rule is None:
       raise self.unsupported(eqn, "it acts on activations" if out.kind == Kind.ACT
-                             else "it derives a weight non-monomially from parameters")
+                             else "it derives a weight non-monomially from parameters",
+                             on_activations=out.kind == Kind.ACT)
     return rule(self, eqn, invals, out)
 
   def _sign_select(self, eqn, invals):
@@ -420,11 +433,12 @@ class PathInterpreter:
     if a.kind == Kind.ACT and not any(jnp.issubdtype(v.aval.dtype, jnp.floating)
                                       for v in eqn.invars if hasattr(v, "aval")):
       raise UnsupportedOperationError(
-          f"The path network cannot use input-derived integers: `{eqn.primitive.name}` at "
-          f"{self.where(eqn)} works on integer values computed from the input, i.e. indices "
-          "(an embedding lookup or take: a `gather`). Path-SGD needs real-valued inputs that "
-          "reach the outputs through linear maps; feed embeddings as the input instead, and "
-          "exclude the embedding table with `mask=`.")
+          f"The path network cannot contain `{eqn.primitive.name}` (a comparison of "
+          f"input-derived integers: a padding mask, or the index arithmetic of an embedding "
+          f"lookup, a `gather`) at {self.where(eqn)}. Path-SGD needs real-valued inputs that "
+          "reach the outputs through linear maps: compute masks and indices outside apply_fn "
+          "and pass the masked (or embedded) values as its input; exclude an embedding table "
+          "with `mask=`.")
     if a.kind != Kind.ACT or c is None or not np.all(c == 0):
       raise self.unsupported(eqn, "the path network can only compare an activation with the "
                              "constant 0 (as ReLU and leaky ReLU do)")

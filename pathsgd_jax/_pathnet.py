@@ -141,26 +141,29 @@ class PathNetwork:
     """
     if self._shiftable is None:
       structs = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in weights]
-      dry = PathInterpreter(self.p, self.dtype, self.leaf_names)
-      try:
-        jax.eval_shape(lambda v: self._evaluate(v, constants, dry), structs)
-      except UnsupportedOperationError as error:
+      dry = self._dry_run(structs, constants)
+      if dry.errors:
         plan, batched = self._find_statistics()
         if plan is None:
-          raise
+          raise _all_errors(dry.errors)
         abstract = {index: [jnp.zeros(v.aval.shape, v.aval.dtype)
                             for v in batched.jaxpr.eqns[index].outvars] for index in plan.roots}
-        dry = PathInterpreter(self.p, self.dtype, self.leaf_names, statistics={
+        dry = self._dry_run(structs, constants, statistics={
             id(self.closed_jaxpr.jaxpr): {"live": plan.live, "values": abstract}})
-        try:
-          jax.eval_shape(lambda v: self._evaluate(v, constants, dry), structs)
-        except UnsupportedOperationError as second:
-          raise second from error
+        if dry.errors:
+          raise _all_errors(dry.errors)
         self._statistics_plan = plan
       self._shiftable = frozenset(
           i for i, inc in enumerate(self.included) if inc and i not in dry.unshiftable)
       self.leaf_groups = [dry.group(i) for i in range(len(self.included))]
     return self._shiftable
+
+  def _dry_run(self, structs, constants, statistics=None) -> PathInterpreter:
+    """A shape-only evaluation that collects every unsupported operation instead of raising."""
+    dry = PathInterpreter(self.p, self.dtype, self.leaf_names, statistics=statistics)
+    dry.errors = []
+    jax.eval_shape(lambda v: self._evaluate(v, constants, dry), structs)
+    return dry
 
   def _input_kinds(self):
     kinds = [Kind.PARAM if inc else Kind.CONST for inc in self.included]
@@ -201,3 +204,25 @@ class PathNetwork:
                                  leaves + jax.tree.leaves(inputs))
     return {id(self.closed_jaxpr.jaxpr): {"live": self._statistics_plan.live,
                                           "values": values}}
+
+
+_SHOWN_ERRORS = 8
+
+
+def _all_errors(errors) -> UnsupportedOperationError:
+  """One error for every operation the path network cannot contain (repeats listed once)."""
+  # One entry per place (GELU's cube, tanh and products share a line): its first operation.
+  by_place: dict[str, list[str]] = {}
+  for error in errors:
+    text = str(error)
+    place = text.split(" It was produced at ", 1)[-1].split(". ", 1)[0]
+    by_place.setdefault(place, []).append(text)
+  messages = [group[0] for group in by_place.values()]
+  if len(messages) == 1:
+    return UnsupportedOperationError(messages[0])
+  shown = "\n".join(f"{i}. {m}" for i, m in enumerate(messages[:_SHOWN_ERRORS], 1))
+  more = len(messages) - _SHOWN_ERRORS
+  tail = f"\n... and {more} more." if more > 0 else ""
+  return UnsupportedOperationError(
+      f"The path network cannot contain {len(messages)} operations of this network (fix them "
+      f"all; each names its primitive, where it was produced and what to do):\n{shown}{tail}")

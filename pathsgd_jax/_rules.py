@@ -178,8 +178,12 @@ def _linear(interp, eqn, invals, out):
   index_slot = _INDEX_OPERANDS.get(name, slice(0, 0))
   for idx in invals[index_slot]:
     if idx.kind != Kind.CONST:
-      raise interp.unsupported(eqn, "its indices (or selector) depend on the "
-                               + ("input" if idx.kind == Kind.ACT else "parameters"))
+      detail = "its indices (or selector) depend on the " + (
+          "input" if idx.kind == Kind.ACT else "parameters")
+      if idx.kind == Kind.ACT and name == "gather":
+        detail += (" (an embedding lookup): feed the embedded vectors as the input of "
+                   "apply_fn, and exclude the embedding table with `mask=`")
+      raise interp.unsupported(eqn, detail, on_activations=idx.kind == Kind.ACT)
   index_positions = range(len(invals))[index_slot]
   summed = [v for i, v in enumerate(invals) if i not in index_positions]
   aligned, common = interp.align(summed, out.kind)
@@ -214,7 +218,8 @@ def _div(interp, eqn, invals, out):
   a, b = invals
   if b.kind != Kind.CONST:
     raise interp.unsupported(eqn, "the divisor depends on the "
-                             + ("input" if b.kind == Kind.ACT else "parameters"))
+                             + ("input" if b.kind == Kind.ACT else "parameters"),
+                             on_activations=b.kind == Kind.ACT)
   inverse = 1.0 / interp.power(b.value)
   if out.kind != Kind.ACT:
     return out(broadcast_op(lax.mul, interp.lift(a, Kind.PARAM), inverse), exact=a.exact)
@@ -275,7 +280,8 @@ def _power_of_param(interp, eqn, invals, out):
   y = eqn.params.get("y", 2)
   if out.kind == Kind.ACT or y < 1:
     raise interp.unsupported(eqn, "it raises an activation to a power" if out.kind == Kind.ACT
-                             else "a negative power of a weight is not a path weight")
+                             else "a negative power of a weight is not a path weight",
+                             on_activations=out.kind == Kind.ACT)
   return out(interp.lift(a, Kind.PARAM) ** y, exact=True)
 
 
@@ -303,7 +309,8 @@ def _max(interp, eqn, invals, out):
 
 def _max_pooling(interp, eqn, invals, out):
   if out.kind != Kind.ACT:
-    raise interp.unsupported(eqn, "it derives a weight non-monomially from parameters")
+    raise interp.unsupported(eqn, "it derives a weight non-monomially from parameters",
+                             on_activations=False)
   name = eqn.primitive.name
   if name == "argmax":
     raise interp.unsupported(eqn, "the output of argmax is not linear in the activations")

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from pathsgd_jax._errors import PathNetworkError
 from pathsgd_jax._values import Kind
 
 
@@ -61,10 +60,7 @@ def find_statistics(single: jex_core.Jaxpr, batched: jex_core.Jaxpr,
   """
   if len(single.eqns) != len(batched.eqns) or any(
       a.primitive is not b.primitive for a, b in zip(single.eqns, batched.eqns)):
-    raise PathNetworkError(
-        "apply_fn traces to different programs at batch size 1 and at a larger batch, so its "
-        "batch statistics cannot be located. Make the network's structure independent of the "
-        "batch size.")
+    return None  # the program depends on the batch size: no statistics can be located
   kinds: dict[Any, Kind] = dict(zip(single.invars, input_kinds, strict=True))
   statistics: set[Any] = set()  # variables holding batch statistics (or functions of them)
   stat_eqns = set()
@@ -74,7 +70,9 @@ def find_statistics(single: jex_core.Jaxpr, batched: jex_core.Jaxpr,
     batch_free = all(np.shape(a.aval) == np.shape(b.aval)
                      for a, b in zip(eqn.outvars, twin.outvars))
     reads_data = any(k == Kind.ACT or v in statistics for v, k in zip(operands, in_kinds))
-    if reads_data and batch_free and Kind.PARAM not in in_kinds:
+    floating = all(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars)
+    # Only real-valued statistics: a branch or an index on a batch reduction stays rejected.
+    if reads_data and batch_free and floating and Kind.PARAM not in in_kinds:
       # A statistic, or arithmetic on statistics (its literals, such as the count it
       # divides by, may depend on the batch size: it is evaluated at the real batch).
       stat_eqns.add(index)
@@ -87,6 +85,12 @@ def find_statistics(single: jex_core.Jaxpr, batched: jex_core.Jaxpr,
       kinds[var] = kind
   if not stat_eqns:
     return None
+  for index, eqn in enumerate(single.eqns):
+    reads_statistic = any(_is_var(v) and v in statistics for v in eqn.invars)
+    if index not in stat_eqns and reads_statistic and (
+        eqn.primitive.name in ("cond", "while", "scan") or not all(
+            jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars)):
+      return None  # a branch, a loop or an index on the batch: not a normalisation
   # The statistics the rest of the network reads (the roots): their values are given.
   used_outside = {v for i, eqn in enumerate(single.eqns) if i not in stat_eqns
                   for v in eqn.invars if _is_var(v)} | set(single.outvars)

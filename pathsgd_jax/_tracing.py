@@ -53,6 +53,9 @@ def _on_stand_in_mesh(sharding) -> bool:
   return _STAND_IN_AXIS in getattr(getattr(sharding, "mesh", None), "axis_names", ())
 
 
+_SHOWN_LEAVES = 6
+
+
 def _trace(apply_fn, treedef, abstract_params, input_struct, leaf_names):
   params = jax.tree_util.tree_unflatten(treedef, abstract_params)
   try:
@@ -71,15 +74,20 @@ def _trace(apply_fn, treedef, abstract_params, input_struct, leaf_names):
     except Exception:  # pylint: disable=broad-except
       pass  # not a batch layout problem: report the first failure
   # The user's code failed: say where it was called from.
-  shapes = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in zip(leaf_names,
-                                                                        abstract_params))
+  shown = [f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in zip(leaf_names, abstract_params)]
+  summary = ", ".join(shown[:_SHOWN_LEAVES]) + (
+      f", ... ({len(shown) - _SHOWN_LEAVES} more)" if len(shown) > _SHOWN_LEAVES else "")
+  cause = str(failure).split("\n")[0]
+  if len(cause) > 500:
+    cause = cause[:500] + " ..."
   raise PathNetworkError(
-      f"apply_fn(params, x) failed when traced with the optimizer's params and a single "
-      f"example of shape {jax.tree.map(lambda s: tuple(s.shape), input_struct)}: "
-      f"{type(failure).__name__}: {failure}\nParams seen: {shapes}.\nCheck that apply_fn "
-      "takes exactly the tree the optimizer is given (for Flax, use pathsgd_jax.linen.apply_fn "
-      "/ pathsgd_jax.nnx.apply_fn) and that example_input has the real input shape with a "
-      "leading batch axis.") from failure
+      f"apply_fn(params, x) failed: {type(failure).__name__}: {cause}\nIt was traced with the "
+      f"optimizer's params and a single example of shape "
+      f"{jax.tree.map(lambda s: tuple(s.shape), input_struct)}. Check that apply_fn takes "
+      "exactly the tree the optimizer is given (for Flax, use pathsgd_jax.linen.apply_fn / "
+      "pathsgd_jax.nnx.apply_fn / pathsgd_jax.equinox.apply_fn) and that example_input has "
+      f"the real input shape with a leading batch axis.\nParams seen ({len(shown)} leaves): "
+      f"{summary}.") from failure
 
 
 def _check_no_masked_nodes(params):

@@ -636,9 +636,6 @@ def test_nnx_layernorm_rejected():
     assert first_quoted(msg) == "square", msg  # LayerNorm's variance
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the location shows only the three innermost frames, all inside flax/nnx/normalization.py; "
-    "the user's line (the model's __call__) is missing for NNX models"))
 def test_nnx_layernorm_message_points_at_the_users_line():
     """README: errors name "your source line". Linen modules get the module path; NNX
     modules get neither, so a user cannot tell which LayerNorm of the model is meant."""
