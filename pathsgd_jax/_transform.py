@@ -269,7 +269,7 @@ def path_sgd(
     mask: Any = None,
     refresh_every: int = 1,
     normalize: bool = False,
-    max_relative_step: float | None = 1.0,
+    max_relative_step: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Path-SGD: stochastic gradient descent preconditioned by the path scales.
 
@@ -295,7 +295,7 @@ def path_sgd(
     max_relative_step: limit each leaf's step to this multiple of the leaf, in the path
       metric (a rescaling-invariant trust region that keeps near-dead branches, such as
       zero-initialised residual scales, from diverging; inactive on healthy networks; see
-      :func:`scale_by_path_norm`). None turns it off.
+      :func:`scale_by_path_norm`); 1.0 suits them. None (default) is the paper's rule.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` requires ``params`` (and

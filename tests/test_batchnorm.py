@@ -278,7 +278,7 @@ def test_trust_region_inactive_on_a_healthy_mlp():
     params = _two_layer(jax.random.key(2), (20, 16, 16, 5))
     x, y = mz.regression_batch(3, 64, 20, 5)
     loss = mz.mse(mz.mlp_apply)
-    with_limit = psgd.path_sgd(0.01, mz.mlp_apply, x, momentum=0.9)
+    with_limit = psgd.path_sgd(0.01, mz.mlp_apply, x, momentum=0.9, max_relative_step=1.0)
     without = psgd.path_sgd(0.01, mz.mlp_apply, x, momentum=0.9, max_relative_step=None)
     states = [with_limit.init(params), without.init(params)]
     p_a = p_b = params
