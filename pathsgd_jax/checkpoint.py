@@ -7,9 +7,17 @@ lists the leaves that differ and says what the difference usually means, before 
 read.
 
 Examples:
-  >>> import pathsgd_jax.checkpoint as ckpt  # doctest: +SKIP
-  >>> ckpt.save("/tmp/run/step_100", params, opt_state)  # doctest: +SKIP
-  >>> params, opt_state = ckpt.restore("/tmp/run/step_100", params=params, tx=tx)  # doctest: +SKIP
+  >>> import os, tempfile, jax.numpy as jnp, pathsgd_jax as psgd
+  >>> import pathsgd_jax.checkpoint as ckpt
+  >>> net = lambda prm, x: jnp.maximum(x @ prm["w1"], 0.0) @ prm["w2"]
+  >>> params = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}
+  >>> tx = psgd.path_sgd(0.1, net, jnp.ones((1, 3)), momentum=0.9, refresh_every=5)
+  >>> opt_state = tx.init(params)
+  >>> directory = os.path.join(tempfile.mkdtemp(), "step_100")
+  >>> ckpt.save(directory, params, opt_state)
+  >>> restored, restored_state = ckpt.restore(directory, params=params, tx=tx)
+  >>> bool(jnp.array_equal(restored["w1"], params["w1"]))
+  True
 """
 
 from __future__ import annotations

@@ -333,6 +333,14 @@ def balanced_init(key: jax.Array, params: Any,
     A tree of the same structure and container types with freshly drawn kernels and zero
     biases, in the original dtypes.
 
+  Examples:
+    >>> import jax, jax.numpy as jnp, pathsgd_jax as psgd
+    >>> params = [{"w": jnp.ones((400, 300)), "b": jnp.ones(300)},
+    ...           {"w": jnp.ones((300, 10)), "b": jnp.ones(10)}]
+    >>> fresh = psgd.balanced_init(jax.random.key(0), params)
+    >>> float(fresh[0]["b"].sum()), round(float(fresh[0]["w"].var() * 400), 1)  # var 1/fan_in
+    (0.0, 1.0)
+
   References:
     Neyshabur, Salakhutdinov, Srebro. Path-SGD, NIPS 2015, Section 5.
   """
@@ -479,6 +487,19 @@ def unbalanced_init(key: jax.Array, params: Any, layers: Sequence[Any] | None = 
 
   Returns:
     The rescaled tree, same structure, container types and dtypes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, pathsgd_jax as psgd
+    >>> params = psgd.balanced_init(jax.random.key(0), [
+    ...     {"w": jnp.zeros((20, 16)), "b": jnp.zeros(16)},
+    ...     {"w": jnp.zeros((16, 3)), "b": jnp.zeros(3)}])
+    >>> net = lambda prm, x: jax.nn.relu(x @ prm[0]["w"] + prm[0]["b"]) @ prm[1]["w"] + prm[1]["b"]
+    >>> skewed = psgd.unbalanced_init(jax.random.key(1), params, power_of_two=True)
+    >>> x = jax.random.normal(jax.random.key(2), (5, 20))
+    >>> bool(jnp.array_equal(net(params, x), net(skewed, x)))  # the same function, exactly
+    True
+    >>> bool(jnp.array_equal(params[0]["w"], skewed[0]["w"]))  # other weights
+    False
 
   References:
     Neyshabur, Salakhutdinov, Srebro. Path-SGD, NIPS 2015, Section 5.

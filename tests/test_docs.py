@@ -28,11 +28,7 @@ def _is_public_library_module(name):
 
 
 # Public modules that have no running example yet (library change needed: add Examples).
-MISSING_EXAMPLES = {
-    "pathsgd_jax.checkpoint": "its only examples are marked +SKIP",
-    "pathsgd_jax.data": "load() has no example (mnist5k ships with the package)",
-    "pathsgd_jax.init": "balanced_init/unbalanced_init have no Examples section",
-}
+MISSING_EXAMPLES: dict[str, str] = {}
 # data's submodules are implementation detail behind pathsgd_jax.data.load.
 REQUIRED = {name for name in MODULES
             if _is_public_library_module(name) and not name.startswith("pathsgd_jax.data.")}
@@ -67,7 +63,7 @@ README_API = {
     "balanced_init": pathsgd_jax.balanced_init,
     "unbalanced_init": pathsgd_jax.unbalanced_init,
 }
-NO_OWN_EXAMPLE = {"balanced_init", "unbalanced_init"}
+NO_OWN_EXAMPLE: set[str] = set()
 
 
 def _running_examples(func):

@@ -4,6 +4,15 @@
 found where Debian's ``dataset-fashion-mnist`` package installs it; MNIST, CIFAR-10/100 and
 SVHN are read from the official files a user provides (IDX, CIFAR *binary* batches, SVHN
 ``.mat``). Nothing is ever unpickled.
+
+Examples:
+  >>> import pathsgd_jax as psgd
+  >>> ds = psgd.data.load("mnist5k")
+  >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
+  ((4000, 28, 28, 1), (1000, 28, 28, 1), 10)
+  >>> x, y = next(psgd.data.batches(ds.x_train, ds.y_train, 100, seed=0))
+  >>> x.shape, y.shape
+  ((100, 28, 28, 1), (100,))
 """
 
 from pathsgd_jax.data.batching import batches, num_batches

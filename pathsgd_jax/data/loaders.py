@@ -299,6 +299,12 @@ def load(name: str, data_dir: str | os.PathLike[str] | None = None, *,
   Returns:
     The :class:`Dataset`, inputs ``float32`` in ``[0, 1]``, labels ``int32``.
 
+  Examples:
+    >>> import pathsgd_jax as psgd
+    >>> ds = psgd.data.load("mnist5k")
+    >>> ds.x_train.shape, ds.x_train.dtype.name, ds.num_classes
+    ((4000, 28, 28, 1), 'float32', 10)
+
   Raises:
     ValueError: for an unknown name.
     DatasetNotFoundError: if the files are not found; the message says where they were
