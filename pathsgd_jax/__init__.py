@@ -7,6 +7,7 @@ Networks*, NIPS 2015.
 from pathsgd_jax import checkpoint, data, init, linen, mpo, nnx, rnn, tasks
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._pathnet import Operation
+from pathsgd_jax._learning_rate import relative_step, suggest_learning_rate
 from pathsgd_jax._report import LeafReport, PathStructure, StructureWarning, path_structure
 from pathsgd_jax._scales import path_norm, path_scales
 from pathsgd_jax.init import balanced_init, unbalanced_init
@@ -51,10 +52,12 @@ __all__ = (
     "path_sgd",
     "path_structure",
     "prune_to_compression",
+    "relative_step",
     "rnn",
     "saliency_mask",
     "scale_by_path_norm",
     "sparsity_report",
+    "suggest_learning_rate",
     "tasks",
     "unbalanced_init",
 )
