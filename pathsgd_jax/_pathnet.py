@@ -70,7 +70,8 @@ class PathNetwork:
 
   def path_sum(self, weights: Sequence[jax.Array], constants: Sequence[Any],
                interpreter: PathInterpreter | None = None,
-               deltas: Sequence[jax.Array] | None = None, inputs: Any = None):
+               deltas: Sequence[jax.Array] | None = None, inputs: Any = None,
+               sources: Sequence[jax.Array] | None = None):
     """g(v) = Σ_outputs N(v, 1) at v = |θ|^p, as (mantissa, exponent, gradient exponents).
 
     g = mantissa · 2^exponent. The path network renormalises by powers of two as it goes, so
@@ -87,6 +88,8 @@ class PathNetwork:
         to them for κ (dense layers then skip forming |θ|^p at full size).
       inputs: the batch being trained on; needed (only) by networks that normalise with
         batch statistics, which are computed from it (see `_statistics`).
+      sources: optional values of the input nodes, one per input leaf with its shape (all
+        ones by default, the path network's); data-dependent readers (`ddp`) pass others.
     """
     interp = interpreter or PathInterpreter(self.p, self.dtype, self.leaf_names)
     shiftable = self._shiftable_leaves(weights, constants)
@@ -94,14 +97,14 @@ class PathNetwork:
     interp.shiftable = shiftable if interp.kappa_rule else frozenset()
     if self._statistics_plan is not None:
       interp.statistics = self._statistics(weights, constants, inputs)
-    mantissa, exponent = self._evaluate(weights, constants, interp, deltas)
+    mantissa, exponent = self._evaluate(weights, constants, interp, deltas, sources)
     zero = jnp.zeros((), self.dtype)
     gradient_exponents = [lax.stop_gradient(jnp.asarray(interp.gradient_exponents.get(i, zero),
                                                         self.dtype))
                           for i, inc in enumerate(self.included) if inc]
     return mantissa, exponent, gradient_exponents
 
-  def _evaluate(self, weights, constants, interp, deltas=None):
+  def _evaluate(self, weights, constants, interp, deltas=None, sources=None):
     weight_iter, constant_iter = iter(weights), iter(constants)
     delta_iter = iter(deltas) if deltas is not None else None
     args = []
@@ -117,8 +120,10 @@ class PathNetwork:
         powered, raw = powered + delta, (w, delta)
       args.append(_Val(Kind.PARAM, powered, frozenset({i}), raw=raw,
                        signed=lambda w=w: w))
-    for struct in jax.tree.leaves(self.input_struct):
-      args.append(_Val(Kind.ACT, jnp.ones(struct.shape, self.dtype)))
+    structs = jax.tree.leaves(self.input_struct)
+    for struct, source in zip(structs, sources if sources is not None else [None] * len(structs)):
+      args.append(_Val(Kind.ACT, jnp.ones(struct.shape, self.dtype) if source is None
+                       else jnp.asarray(source, self.dtype)))
     jaxpr = self.closed_jaxpr
     outs = interp.run(jaxpr.jaxpr, [_Val(Kind.CONST, c) for c in jaxpr.consts], args)
     summed = []
