@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                      description=gsm.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   gsm.add_arguments(p)
+  from pathsgd_jax.experiments import resnet  # pylint: disable=g-import-not-at-top
+  p = sub.add_parser("resnet", help="BatchNorm ResNet: SGD+m vs Path-SGD+m (train-mode BN) vs Adam",
+                     description=resnet.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  resnet.add_arguments(p)
   return parser
 
 
@@ -330,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gsm":
       from pathsgd_jax.experiments import gsm  # pylint: disable=g-import-not-at-top
       gsm.run_gsm(gsm.config_from_args(args), log=_log_fn(args.quiet))
+      return 0
+    if args.command == "resnet":
+      from pathsgd_jax.experiments import resnet  # pylint: disable=g-import-not-at-top
+      resnet.run_resnet(resnet.config_from_args(args), log=_log_fn(args.quiet))
       return 0
     if args.command == "mpo":
       from pathsgd_jax.experiments import mpo  # pylint: disable=g-import-not-at-top

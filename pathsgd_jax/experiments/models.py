@@ -107,3 +107,83 @@ def cnn_apply(params: dict, x: jax.Array) -> jax.Array:
     i += 1
   h = h.reshape(h.shape[0], -1)
   return h @ params["dense"]["w"] + params["dense"]["b"][None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# A small BatchNorm ResNet (the ``resnet`` experiment).
+# ---------------------------------------------------------------------------------------------
+
+
+def _resnet_modules():
+  """The Linen classes of :func:`resnet` (Flax is imported only when a ResNet is built)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class ResNetBlock(nn.Module):
+    """Basic residual block, ResNet v1.5 style: conv3x3(stride)-BN-ReLU-conv3x3-BN, plus the
+    shortcut (a 1x1 strided conv + BN when the shape changes), then ReLU. The scale of the
+    branch's last BatchNorm starts at 0, as in Flax's ResNet, so every block starts as its
+    shortcut."""
+
+    features: int
+    strides: int = 1
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      norm = lambda name, **kw: nn.BatchNorm(use_running_average=not train,  # noqa: E731
+                                             momentum=self.bn_momentum,
+                                             epsilon=self.bn_epsilon, name=name, **kw)
+      s = (self.strides, self.strides)
+      h = nn.Conv(self.features, (3, 3), s, use_bias=False, name="conv1")(x)
+      h = nn.relu(norm("bn1")(h))
+      h = nn.Conv(self.features, (3, 3), use_bias=False, name="conv2")(h)
+      h = norm("bn2", scale_init=nn.initializers.zeros)(h)
+      if x.shape != h.shape:
+        x = nn.Conv(self.features, (1, 1), s, use_bias=False, name="proj_conv")(x)
+        x = norm("proj_bn")(x)
+      return nn.relu(h + x)
+
+  class ResNet(nn.Module):
+    """Stem conv3x3-BN-ReLU, stages of :class:`ResNetBlock` (stride 2 at the first block of
+    every stage after the first), global average pooling, a dense head."""
+
+    stage_features: tuple = (8, 16, 32)
+    blocks_per_stage: int = 1
+    num_classes: int = 10
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      h = nn.Conv(self.stage_features[0], (3, 3), use_bias=False, name="stem_conv")(x)
+      h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, name="stem_bn")(h)
+      h = nn.relu(h)
+      for i, features in enumerate(self.stage_features):
+        for j in range(self.blocks_per_stage):
+          h = ResNetBlock(features, strides=2 if i > 0 and j == 0 else 1,
+                          bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                          name=f"stage{i}_block{j}")(h, train)
+      h = jnp.mean(h, axis=(1, 2))
+      return nn.Dense(self.num_classes, name="head")(h)
+
+  return ResNetBlock, ResNet
+
+
+def resnet(stage_features: Sequence[int] = (8, 16, 32), blocks_per_stage: int = 1,
+           num_classes: int = 10, *, bn_momentum: float = 0.9, bn_epsilon: float = 1e-5):
+  """A small BatchNorm ResNet (Linen module) on NHWC images.
+
+  Convolutions have no bias (BatchNorm follows each); the last BatchNorm scale of every
+  residual branch is initialised to 0; ``train=True`` normalises with the batch's
+  statistics (``mutable=['batch_stats']`` returns the updated running averages),
+  ``train=False`` with the running averages. Parameter names: ``stem_conv``, ``stem_bn``,
+  ``stage{i}_block{j}/{conv1,bn1,conv2,bn2[,proj_conv,proj_bn]}``, ``head``.
+  """
+  if not stage_features or min(stage_features) < 1 or blocks_per_stage < 1:
+    raise ValueError(f"stage_features must be positive and blocks_per_stage >= 1, got "
+                     f"{tuple(stage_features)} and {blocks_per_stage}.")
+  _, net = _resnet_modules()
+  return net(tuple(int(f) for f in stage_features), int(blocks_per_stage), int(num_classes),
+             bn_momentum, bn_epsilon)
