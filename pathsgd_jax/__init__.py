@@ -10,6 +10,8 @@ from pathsgd_jax._pathnet import Operation
 from pathsgd_jax._learning_rate import relative_step, suggest_learning_rate
 from pathsgd_jax._report import LeafReport, PathStructure, StructureWarning, path_structure
 from pathsgd_jax._scales import path_norm, path_scales
+from pathsgd_jax.npk import (SoftGates, gated, neural_path_features, neural_path_kernel,
+                             neural_path_value)
 from pathsgd_jax.init import balanced_init, unbalanced_init
 from pathsgd_jax._transform import ScaleByPathNormState, path_sgd, scale_by_path_norm
 from pathsgd_jax.gsm import (GlobalSparseMomentumState, LeafSparsity, SparsityReport,
@@ -34,6 +36,7 @@ __all__ = (
     "PathNetworkError",
     "PathStructure",
     "ScaleByPathNormState",
+    "SoftGates",
     "SparsityReport",
     "StructureWarning",
     "UnsupportedOperationError",
@@ -41,10 +44,14 @@ __all__ = (
     "balanced_init",
     "checkpoint",
     "data",
+    "gated",
     "global_sparse_momentum",
     "init",
     "linen",
     "mpo",
+    "neural_path_features",
+    "neural_path_kernel",
+    "neural_path_value",
     "nnx",
     "path_gsm",
     "path_norm",
