@@ -4,7 +4,7 @@ Neyshabur, Salakhutdinov & Srebro, *Path-SGD: Path-Normalized Optimization in De
 Networks*, NIPS 2015.
 """
 
-from pathsgd_jax import checkpoint, data, init, linen, mpo, nnx, rnn, tasks
+from pathsgd_jax import checkpoint, data, ddp, init, linen, mpo, nnx, rnn, tasks
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._pathnet import Operation
 from pathsgd_jax._learning_rate import relative_step, suggest_learning_rate
@@ -14,6 +14,7 @@ from pathsgd_jax.npk import (SoftGates, gated, neural_path_features, neural_path
                              neural_path_value)
 from pathsgd_jax.init import balanced_init, unbalanced_init
 from pathsgd_jax._transform import ScaleByPathNormState, path_sgd, scale_by_path_norm
+from pathsgd_jax.ddp import ScaleByDDPState, ddp_scales, ddp_sgd, scale_by_ddp
 from pathsgd_jax.gsm import (GlobalSparseMomentumState, LeafSparsity, SparsityReport,
                               active_count, global_sparse_momentum, path_gsm,
                               prune_to_compression, saliency_mask, sparsity_report)
@@ -29,6 +30,11 @@ def __getattr__(name):
   raise AttributeError(f"module 'pathsgd_jax' has no attribute {name!r}")
 
 __all__ = (
+    "ScaleByDDPState",
+    "ddp",
+    "ddp_scales",
+    "ddp_sgd",
+    "scale_by_ddp",
     "GlobalSparseMomentumState",
     "LeafReport",
     "LeafSparsity",

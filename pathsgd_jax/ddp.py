@@ -1,0 +1,443 @@
+r"""Data-dependent path normalisation: DDP-SGD and DDP-Normalization.
+
+A reconstruction of Neyshabur, Tomioka, Salakhutdinov & Srebro, *Data-Dependent Path
+Normalization in Neural Networks* (ICLR 2016) from its stated framework; the paper's own
+equations were not available when this was written. What is the paper's: every node ``v``
+has a complexity :math:`γ_v^2 = w_{→v}^\top R_v\, w_{→v}`, a diagonal :math:`R_v` of the
+incoming nodes' :math:`γ^2` gives the path norm (Path-SGD), the second-moment matrix of the
+incoming activations gives BatchNorm's per-unit scale, a parameter α ∈ [0, 1] interpolates;
+DDP-Normalization divides each unit by its γ; DDP-SGD is an approximate steepest descent
+for the network's complexity, invariant to node rescalings for every α, a diagonal natural
+gradient at full data dependence. What is ours (hypotheses and derivation):
+
+**Complexity.** :math:`R_v = α\,C_v + (1-α)\,\mathrm{diag}(γ_u^2)` with
+:math:`C_v = \mathbb E_B[h h^\top]` the *uncentred* second moment over the current batch B
+of v's incoming activations h (a bias is an edge from a constant node, h = 1, γ = 1; the
+inputs have γ = 1). Since :math:`w^\top C_v w = \mathbb E_B[z_v^2]`, with z_v v's real
+pre-activation,
+
+.. math::
+   γ_v^2 = α\,\mathbb E_B[z_v^2] + (1-α) \sum_u w_{uv}^2 γ_u^2, \qquad
+   γ_{net}^2 = \sum_{\text{outputs } o} γ_o^2,
+
+where the units are the ReLU inputs and the outputs. α = 0 is the squared ℓ2 path norm
+:math:`φ_2^2`; under a node rescaling every :math:`γ_v` is covariant (C_v scales with h).
+
+**DDP-SGD.** As in Path-SGD with p = 2 (κ = ½ ∂²φ₂²/∂w_e²), each gradient is divided by
+:math:`κ_e(α) = ½\,∂^2 γ_{net}^2/∂w_e^2`. Let :math:`β_v = ∂γ_{net}^2/∂γ_v^2` with the data
+terms held fixed (a backward pass: :math:`β_o = 1`,
+:math:`β_v = (1-α)\sum_c w_{vc}^2 β_c`). In a feed-forward ReLU net a weight ``e = u→v``
+occurs once on every path and every pre-activation is piecewise linear in it, so the
+diagonal of the Hessian is exactly (almost everywhere)
+
+.. math::
+   κ_e = (1-α)\, γ_u^2\, β_v + α\, \mathbb E_B\Big[h_u^2 \sum_{v' \succeq v} β_{v'}
+         \big(∂z_{v'}/∂z_v\big)^2\Big].
+
+The second factor needs, per example, squared Jacobians of later pre-activations: that is
+K or more backward passes. **The approximation**: the squared Jacobian is replaced by the
+sum over paths of the squared products, the backward recursion
+:math:`S_v(x) = β_v + g_v(x)^2 \sum_c w_{vc}^2 S_c(x)` (g the ReLU's slope at z_v(x)); the
+cross terms between different paths from v to v' are dropped (the Becker–LeCun diagonal).
+It is exact wherever only one path joins v to each later unit (all weights of a net with
+one hidden layer, and the last two layers of any MLP) and rescaling invariant always.
+
+**Relation to the Fisher.** At α = 1, β vanishes except at the outputs and
+:math:`κ_e = \mathbb E_B[h_u^2 \sum_o (∂f_o/∂z_v)^2] = \mathbb E_B[\sum_o (∂f_o/∂w_e)^2]`
+(exact on one hidden layer, path-diagonal beyond): the diagonal of the Gauss–Newton matrix
+of the squared loss, i.e. the diagonal Fisher of a unit-variance Gaussian output model.
+For softmax cross-entropy the Fisher weighs the outputs by diag(p) − ppᵀ instead of the
+identity: there DDP-SGD at α = 1 is a data-dependent diagonal metric, not the Fisher.
+
+**Cost and implementation.** One batch-1 forward/backward pass of the path network (with
+γ² mixed at every ReLU through a `PathInterpreter` subclass: the first term and β), one
+forward pass of the real network on the batch that records each ReLU's input and output
+(:math:`\mathbb E_B[z_v^2]`, h², g²), and one forward/backward pass of the path network on
+the batch with the real h² as node values and the gates g² in the backward (the second
+term). α = 0 skips the last two; α = 1 skips the first. Train-mode BatchNorm is folded at
+the batch's statistics as in Path-SGD (`inputs=`). Networks with a ReLU inside a
+``lax.scan`` or ``lax.cond`` (RNNs) are not supported.
+
+**DDP-Normalization** is :class:`DDPDense` (Linen) / :class:`DDPLinear` (NNX): a dense layer
+whose units are divided by their γ, computed with normalised inputs (γ_u = 1):
+:math:`γ_v^2 = α\,\mathbb E_B[z_v^2] + (1-α)(\lVert w_{→v}\rVert^2 + b_v^2)`; at α = 1
+with ``centered=True`` it is BatchNorm without its affine part.
+
+References:
+  Neyshabur, Tomioka, Salakhutdinov & Srebro, `Data-Dependent Path Normalization in Neural
+  Networks <https://arxiv.org/abs/1511.06747>`_, ICLR 2016.
+  Neyshabur, Salakhutdinov & Srebro, `Path-SGD <https://arxiv.org/abs/1506.02617>`_, 2015.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.extend import core as jex_core
+
+from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
+from pathsgd_jax._interpreter import PathInterpreter, subjaxpr
+from pathsgd_jax._numerics import times_pow2
+from pathsgd_jax._pathnet import PathNetwork
+from pathsgd_jax._scales import ApplyFn, _log_mantissa
+from pathsgd_jax._transform import _check_number, _safe_divide
+
+__all__ = ["ScaleByDDPState", "ddp_scales", "ddp_sgd",
+           "scale_by_ddp"]
+
+_NO_INPUTS = (
+    "DDP-SGD's preconditioner depends on the current batch (second moments of the "
+    "pre-activations): pass it to the update, `tx.update(grads, opt_state, params, inputs=x)` "
+    "(nnx: `optimizer.update(model, grads, inputs=x)`).")
+
+
+class _DDPInterpreter(PathInterpreter):
+  """The path network with a data-dependent rule at every ReLU (see the module docstring).
+
+  Modes: ``"find"`` records the ReLU sites (their index path in the jaxpr and which operand
+  is the pre-activation); ``"complexity"`` replaces the path value P_v of a unit by
+  (1−α)·P_v + α·E_B[z_v²] + ε_v (ε = 0, differentiated for β); ``"gated"`` (on the batch)
+  gives a unit the value h_v² forward and the slope g_v² backward, and injects β_v·Y_v.
+  """
+
+  def __init__(self, *args, top, mode, alpha=0.0, data=None, eps=None, beta=None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.top, self.mode, self.alpha = top, mode, alpha
+    self.data, self.eps, self.beta = data, eps, beta
+    self.sites: dict[tuple, int] = {}
+    self.injected = jnp.zeros((), self.dtype)
+    self._tables: dict[int, dict[int, int]] = {}
+    self._invals = ()
+
+  def eqn(self, eqn, invals):
+    self._invals = invals
+    return super().eqn(eqn, invals)
+
+  def _index(self, jaxpr, eqn) -> int:
+    table = self._tables.get(id(jaxpr))
+    if table is None:
+      table = self._tables[id(jaxpr)] = {id(e): i for i, e in enumerate(jaxpr.eqns)}
+    if id(eqn) not in table:
+      raise UnsupportedOperationError(
+          f"DDP-SGD cannot locate the ReLU at {self.where(eqn)} in the real network (it is "
+          "inside a lax.cond branch): keep ReLUs of a DDP network outside control flow.")
+    return table[id(eqn)]
+
+  def site(self, eqn) -> tuple[int, ...]:
+    if self.loop_depth:
+      raise UnsupportedOperationError(
+          f"DDP-SGD does not support a ReLU inside a lax.scan (at {self.where(eqn)}): its "
+          "data statistics are per unit of a feed-forward network. Use path_sgd for RNNs.")
+    jaxpr, path = self.top, []
+    for caller in self.callers:
+      path.append(self._index(jaxpr, caller))
+      jaxpr = subjaxpr(caller)[0]
+    return (*path, self._index(jaxpr, eqn))
+
+  def activation(self, eqn, val, role):
+    key = self.site(eqn)
+    if self.mode == "find":
+      self.sites[key] = next(i for i, v in enumerate(self._invals) if v is val)
+      return super().activation(eqn, val, role)
+    if key not in self.data:
+      raise PathNetworkError("apply_fn traces to a different program at the batch size of "
+                             "`inputs`; DDP-SGD cannot match its ReLUs.")
+    self.note(eqn, "relu (ddp)", val.value, [])
+    val = self.flush(val)
+    data, log_scale = self.data[key], val.log_scale
+    if self.mode == "complexity":
+      source = self.alpha * data["second_moment"] + self.eps[key]
+      value = (1 - self.alpha) * val.value + times_pow2(source, -log_scale)
+      value, log_scale = self.normalise(value, log_scale)
+    else:  # gated
+      moving = val.value - lax.stop_gradient(val.value)
+      self.injected = self.injected + jnp.sum(self.beta[key] * times_pow2(moving, log_scale))
+      value = times_pow2(data["h2"], -log_scale) + data["g2"] * moving
+    return dataclasses.replace(val, value=value, log_scale=log_scale)
+
+
+def _bind(eqn, invals):
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+  outs = eqn.primitive.bind(*subfuns, *invals, **params)
+  return outs if eqn.primitive.multiple_results else [outs]
+
+
+def _record(jaxpr, consts, args, sites, prefix=()):
+  """Evaluates ``jaxpr`` on real values; returns {site: (pre-activation, output)}.
+
+  Opens only the calls that hold a site (the rest run as compiled primitives).
+  """
+  env = dict(zip(jaxpr.constvars, consts, strict=True))
+  env.update(zip(jaxpr.invars, args, strict=True))
+  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+  depth = len(prefix)
+  opened = {k[depth] for k in sites if len(k) > depth + 1 and k[:depth] == prefix}
+  found = {}
+  for index, eqn in enumerate(jaxpr.eqns):
+    invals = [read(v) for v in eqn.invars]
+    key = (*prefix, index)
+    if index in opened:
+      inner, inner_consts = subjaxpr(eqn)
+      outs, inner_found = _record(inner, inner_consts, invals, sites, key)
+      found.update(inner_found)
+    else:
+      outs = _bind(eqn, invals)
+      if key in sites:
+        found[key] = (invals[sites[key]], outs[0])
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars], found
+
+
+def _statistics(found, dtype):
+  """Per ReLU site: E_B[z²] (batch axis kept, size 1), h² and the squared slope g²."""
+  data = {}
+  for key, (z, a) in found.items():
+    z, a = (lax.stop_gradient(jnp.asarray(t, dtype)) for t in (z, a))
+    slope = jnp.where(z != 0, a / jnp.where(z != 0, z, 1), 0)
+    data[key] = {"second_moment": jnp.mean(z * z, axis=0, keepdims=True), "h2": a * a,
+                 "g2": slope * slope}
+  return data
+
+
+def _check_alpha(alpha):
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+    raise ValueError(f"alpha must be a Python number in [0, 1] (static: it decides which "
+                     f"passes run), got {alpha!r}.")
+  _check_number("alpha", alpha, low=0.0, high=1.0)
+  return float(alpha)
+
+
+def _check_inputs(inputs):
+  if inputs is None:
+    raise ValueError(_NO_INPUTS)
+  leaves = jax.tree.leaves(inputs)
+  if not leaves or any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    raise ValueError("DDP-SGD needs the real batch as `inputs` (arrays, not shapes). "
+                     + _NO_INPUTS)
+  return leaves
+
+
+def compute_ddp_scales(net: PathNetwork, params, inputs, alpha: float) -> list[jax.Array]:
+  """κ(α) per leaf of ``net`` (ones for excluded leaves), see the module docstring."""
+  input_leaves = _check_inputs(inputs)
+  leaves = net.treedef.flatten_up_to(params)
+  weights = [x for x, inc in zip(leaves, net.included) if inc]
+  constants = [x for x, inc in zip(leaves, net.included) if not inc]
+  dtype = net.dtype
+  kwargs = dict(p=net.p, dtype=dtype, leaf_names=net.leaf_names)
+  finder = _DDPInterpreter(top=net.closed_jaxpr.jaxpr, mode="find", **kwargs)
+  jax.eval_shape(lambda w: net.path_sum(w, constants, finder, inputs=inputs)[0], weights)
+  struct = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), inputs)
+  batched = net._batched_trace(struct)  # pylint: disable=protected-access
+  if len(batched.jaxpr.eqns) != len(net.closed_jaxpr.jaxpr.eqns):
+    raise PathNetworkError("apply_fn traces to a different program at the batch size of "
+                           "`inputs`; DDP-SGD cannot match its ReLUs.")
+  _, found = _record(batched.jaxpr, batched.consts, leaves + input_leaves, finder.sites)
+  data = _statistics(found, dtype)
+  kappa = [jnp.zeros(jnp.shape(w), dtype) for w in weights]
+  beta = None
+  if alpha < 1:
+    eps = {key: jnp.zeros_like(d["second_moment"]) for key, d in data.items()}
+
+    def log_mantissa(deltas, eps):
+      interp = _DDPInterpreter(top=net.closed_jaxpr.jaxpr, mode="complexity", alpha=alpha,
+                               data=data, eps=eps, **kwargs)
+      return _log_mantissa(*net.path_sum(weights, constants, interp, deltas=deltas,
+                                         inputs=inputs))
+
+    deltas = [jnp.zeros_like(w, dtype=dtype) for w in weights]
+    (_, (mantissa, exponent, gradient_exponents)), (d_weights, d_eps) = jax.value_and_grad(
+        log_mantissa, argnums=(0, 1), has_aux=True)(deltas, eps)
+    kappa = [(1 - alpha) * times_pow2(g * mantissa, ge + exponent)
+             for g, ge in zip(d_weights, gradient_exponents)]
+    beta = {key: (1 - alpha) * times_pow2(g * mantissa, exponent) for key, g in d_eps.items()}
+  if alpha > 0:
+    if beta is None:
+      beta = {key: jnp.zeros_like(d["second_moment"]) for key, d in data.items()}
+    bnet = copy.copy(net)
+    bnet.closed_jaxpr, bnet.input_struct = batched, struct
+    bnet._shiftable = frozenset()  # pylint: disable=protected-access
+    batch = np.shape(input_leaves[0])[0]
+
+    def injected_sum(deltas):
+      interp = _DDPInterpreter(top=batched.jaxpr, mode="gated", data=data, beta=beta,
+                               **kwargs)
+      mantissa, exponent, _ = bnet.path_sum(
+          weights, constants, interp, deltas=deltas, inputs=inputs,
+          sources=[jnp.square(jnp.asarray(x, dtype)) for x in input_leaves])
+      return times_pow2(mantissa, exponent) + interp.injected
+
+    data_term = jax.grad(injected_sum)([jnp.zeros_like(w, dtype=dtype) for w in weights])
+    kappa = [k + (alpha / batch) * g for k, g in zip(kappa, data_term)]
+  out, it = [], iter(kappa)
+  for x, inc in zip(leaves, net.included):
+    out.append(next(it) if inc else jnp.ones(jnp.shape(x), dtype))
+  return out
+
+
+def ddp_scales(apply_fn: ApplyFn, params, inputs, *, alpha: float, mask=None):
+  r"""Per-parameter DDP-SGD scales κ(α) of a ReLU network on the batch ``inputs``.
+
+  :math:`κ_e(α) = (1-α)\,γ_u^2 β_v + α\,\mathbb E_B[h_u^2 S_v]` for an edge ``u→v``: half the
+  diagonal of the Hessian of the data-dependent complexity :math:`γ_{net}^2` (the module
+  docstring gives the derivation and its one approximation). α = 0 is :func:`path_scales`
+  at p = 2; α = 1 the path-diagonal Gauss–Newton :math:`\mathbb E_B[\sum_o (∂f_o/∂w_e)^2]`.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> outputs``, a feed-forward ReLU network.
+    params: its parameter tree.
+    inputs: the batch (real arrays): its pre-activation statistics enter κ for α > 0.
+    alpha: data dependence in [0, 1] (a static Python number).
+    mask: leaves that are not path weights (κ = 1), as in :func:`path_scales`.
+
+  Returns:
+    A tree like ``params`` of κ, in float32 (float64 with x64).
+
+  Examples:
+    >>> import jax.numpy as jnp, pathsgd_jax as psgd
+    >>> mlp = lambda prm, x: jnp.maximum(x @ prm["w1"], 0.0) @ prm["w2"]
+    >>> params = {"w1": jnp.array([[1.0, -2.0]]), "w2": jnp.array([[3.0], [4.0]])}
+    >>> x = jnp.array([[1.0], [-1.0]])  # unit 0 is on for x = 1, unit 1 for x = -1
+    >>> psgd.ddp_scales(mlp, params, x, alpha=1.0)["w2"]  # E[h_j^2] = [0.5, 2]
+    Array([[0.5],
+           [2. ]], dtype=float32)
+    >>> psgd.ddp_scales(mlp, params, x, alpha=0.0)["w1"]  # w2**2, as path_scales
+    Array([[ 9., 16.]], dtype=float32)
+
+  References:
+    Neyshabur, Tomioka, Salakhutdinov & Srebro, `Data-Dependent Path Normalization in
+    Neural Networks <https://arxiv.org/abs/1511.06747>`_, ICLR 2016 (reconstructed).
+  """
+  alpha = _check_alpha(alpha)
+  _check_inputs(inputs)
+  net = PathNetwork(apply_fn, params, inputs, 2.0, mask)
+  return net.treedef.unflatten(compute_ddp_scales(net, params, inputs, alpha))
+
+
+class ScaleByDDPState(NamedTuple):
+  """State of :func:`scale_by_ddp`.
+
+  Attributes:
+    count: number of updates made so far (int32 scalar). κ is recomputed from the params and
+      the batch at every step, so nothing else is kept.
+  """
+
+  count: chex.Array
+
+
+def scale_by_ddp(apply_fn: ApplyFn, example_input: Any, *, alpha: float,
+                 mask: Any = None) -> optax.GradientTransformationExtraArgs:
+  r"""Divides each update by its DDP scale κ(α), from the current params and batch.
+
+  .. math:: u_e \leftarrow u_e / κ_e(α; w, B)
+
+  (see :func:`ddp_scales`); entries with κ = 0 (no live path) get 0. Followed by a learning
+  rate this is DDP-SGD; momentum after it keeps trajectories rescaling invariant.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> outputs``; ``params`` is the tree this receives.
+    example_input: a batch with the real input shape (shape and dtype only, for tracing).
+    alpha: data dependence in [0, 1]: 0 is Path-SGD (p = 2), 1 a diagonal Gauss–Newton.
+    mask: leaves that are not path weights (their updates pass through unscaled).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update(grads, state, params, *,
+    inputs)`` needs ``params`` and the current batch ``inputs``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, pathsgd_jax as psgd
+    >>> mlp = lambda prm, x: jnp.maximum(x @ prm["w1"], 0.0) @ prm["w2"]
+    >>> params = {"w1": jnp.array([[1.0, -2.0]]), "w2": jnp.array([[3.0], [4.0]])}
+    >>> x = jnp.array([[1.0], [-1.0]])
+    >>> tx = optax.chain(psgd.scale_by_ddp(mlp, x, alpha=1.0), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params,
+    ...                            inputs=x)
+    >>> updates["w2"]  # -0.1 / E[h^2]
+    Array([[-0.2 ],
+           [-0.05]], dtype=float32)
+  """
+  alpha = _check_alpha(alpha)
+  if not callable(apply_fn):
+    raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
+
+  def init_fn(params):
+    del params
+    return ScaleByDDPState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, inputs=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("scale_by_ddp needs the current parameters: call "
+                       "`tx.update(grads, opt_state, params, inputs=x)`.")
+    _check_inputs(inputs)
+    net = PathNetwork(apply_fn, params, example_input, 2.0, mask)
+    kappa = compute_ddp_scales(net, params, inputs, alpha)
+    treedef = jax.tree.structure(updates)
+    directions = list(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
+    return treedef.unflatten(directions), ScaleByDDPState(
+        optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def ddp_sgd(learning_rate: optax.ScalarOrSchedule, apply_fn: ApplyFn, example_input: Any, *,
+            alpha: float, momentum: float | None = None, nesterov: bool = False,
+            mask: Any = None) -> optax.GradientTransformationExtraArgs:
+  r"""DDP-SGD: SGD preconditioned by the data-dependent path scales κ(α).
+
+  .. math:: w_e \leftarrow w_e - η\, \frac{∂L/∂w_e}{κ_e(α; w, B)}
+
+  with κ recomputed from the current weights and batch B at every step (:func:`ddp_scales`).
+  Invariant under node rescalings of a ReLU network for every α; α = 0 is Path-SGD.
+
+  Args:
+    learning_rate: a scalar or an :data:`optax.Schedule`.
+    apply_fn: ``apply_fn(params, x) -> outputs``.
+    example_input: a batch with the real input shape (shape and dtype only).
+    alpha: data dependence in [0, 1] (static).
+    momentum: optional heavy-ball momentum on the preconditioned direction.
+    nesterov: use Nesterov momentum.
+    mask: leaves that are not path weights (their gradient passes through unscaled).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; ``update`` requires ``params`` and
+    ``inputs=`` the batch.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, pathsgd_jax as psgd
+    >>> mlp = lambda prm, x: jnp.maximum(x @ prm["w1"], 0.0) @ prm["w2"]
+    >>> params = {"w1": jnp.array([[1.0, -2.0]]), "w2": jnp.array([[3.0], [4.0]])}
+    >>> x, y = jnp.array([[1.0], [-1.0]]), jnp.zeros((2, 1))
+    >>> loss = lambda prm: jnp.mean((mlp(prm, x) - y) ** 2)
+    >>> tx = psgd.ddp_sgd(0.1, mlp, x, alpha=0.5, momentum=0.9)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params, inputs=x)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 36.5)
+    True
+
+  References:
+    Neyshabur, Tomioka, Salakhutdinov & Srebro, `Data-Dependent Path Normalization in
+    Neural Networks <https://arxiv.org/abs/1511.06747>`_, ICLR 2016 (reconstructed).
+  """
+  if momentum is not None:
+    _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+  if not callable(learning_rate):
+    _check_number("learning_rate", learning_rate, low=0.0, low_open=True)
+  return optax.chain(
+      scale_by_ddp(apply_fn, example_input, alpha=alpha, mask=mask),
+      optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
+      else optax.identity(),
+      optax.scale_by_learning_rate(learning_rate))
+
