@@ -233,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                      description=resnet.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   resnet.add_arguments(p)
+  from pathsgd_jax.experiments import lr  # pylint: disable=g-import-not-at-top
+  p = sub.add_parser("lr", help="suggest_learning_rate on the model gallery against grids",
+                     description=lr.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  lr.add_arguments(p)
   return parser
 
 
@@ -343,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "mpo":
       from pathsgd_jax.experiments import mpo  # pylint: disable=g-import-not-at-top
       mpo.run_mpo(mpo.config_from_args(args), log=_log_fn(args.quiet))
+      return 0
+    if args.command == "lr":
+      from pathsgd_jax.experiments import lr  # pylint: disable=g-import-not-at-top
+      lr.run_lr(lr.config_from_args(args), log=_log_fn(args.quiet))
       return 0
     if args.command == "depth":
       from pathsgd_jax.experiments import depth  # pylint: disable=g-import-not-at-top
