@@ -191,6 +191,11 @@ def _units(prep: _Prepared, xs):
   return jax.vmap(one)(xs)
 
 
+def _compiled(fn, *args):
+  """``fn(*args)`` as one compiled program (many small eager operations compile slowly)."""
+  return jax.jit(fn)(*args)
+
+
 def neural_path_kernel(apply_fn: Callable[[Any, Any], Any], params, x1, x2=None, *,
                        mask=None) -> jax.Array:
   """The neural path kernel ``NPK(x, x')`` of every pair of examples of ``x1`` and ``x2``.
@@ -227,7 +232,6 @@ def neural_path_kernel(apply_fn: Callable[[Any, Any], Any], params, x1, x2=None,
   x2 = x1 if x2 is None else x2
   prep = _prepare(apply_fn, params, x1, mask)
   xs1, xs2 = _examples(prep, x1, "x1"), _examples(prep, x2, "x2")
-  u1, u2 = _units(prep, xs1), _units(prep, xs2)
   net = prep.net
 
   def pair(xa, ua, xb, ub):
@@ -238,11 +242,16 @@ def neural_path_kernel(apply_fn: Callable[[Any, Any], Any], params, x1, x2=None,
     mantissa, exponent = net._evaluate(prep.ones, prep.constants, interp)  # pylint: disable=protected-access
     return times_pow2(mantissa, exponent)
 
-  def row(args):
-    xa, ua = args
-    return jax.vmap(lambda xb, ub: pair(xa, ua, xb, ub))(xs2, u2)
+  def kernel(xs1, xs2):
+    u1, u2 = _units(prep, xs1), _units(prep, xs2)
 
-  return lax.map(row, (xs1, u1))
+    def row(args):
+      xa, ua = args
+      return jax.vmap(lambda xb, ub: pair(xa, ua, xb, ub))(xs2, u2)
+
+    return lax.map(row, (xs1, u1))
+
+  return _compiled(kernel, xs1, xs2)
 
 
 # ------------------------------------------------------------------ paths, for small networks
@@ -317,14 +326,35 @@ def _affine_maps(prep: _Prepared, real: bool):
 
   x0 = jnp.zeros((sum(in_sizes),), dtype)
   t0 = jnp.zeros((sum(sizes),), dtype)
-  c = fn(x0, t0)
-  jx, jt = jax.jacfwd(fn, argnums=(0, 1))(x0, t0)
+  c, (jx, jt) = _compiled(lambda x, t: (fn(x, t), jax.jacfwd(fn, argnums=(0, 1))(x, t)), x0, t0)
   return np.asarray(c), np.asarray(jx), np.asarray(jt), sum(sizes)
+
+
+_STRUCTURES: dict = {}  # the path-counting maps of recently enumerated networks
+
+
+def _structure_key(prep: _Prepared):
+  """The traced program and the zero pattern of its fixed leaves, or None if not concrete."""
+  try:
+    zeros = tuple(np.asarray(c == 0).tobytes()
+                  for c in list(prep.constants) + list(prep.net.closed_jaxpr.consts))
+  except jax.errors.ConcretizationTypeError:
+    return None
+  return (str(prep.net.closed_jaxpr), tuple(prep.net.included), zeros)
 
 
 def _enumerate(prep: _Prepared, max_paths: int) -> _Paths:
   """Every path, grouped by (source, gated units, output): paths of a group share the NPF."""
-  mb, mx, mt, n_units = _affine_maps(prep, real=False)
+  key = _structure_key(prep)
+  if key is None or key not in _STRUCTURES:
+    maps = _affine_maps(prep, real=False)
+    if key is not None:
+      if len(_STRUCTURES) >= 16:
+        _STRUCTURES.pop(next(iter(_STRUCTURES)))
+      _STRUCTURES[key] = maps
+  else:
+    maps = _STRUCTURES[key]
+  mb, mx, mt, n_units = maps
   rows = mb.shape[0]
   on_x, on_t, on_b = mx > 0.5, mt > 0.5, mb > 0.5
   counts = np.zeros(rows)
@@ -428,15 +458,20 @@ def neural_path_features(apply_fn: Callable[[Any, Any], Any], params, x, *, mask
   prep = _prepare(apply_fn, params, x, mask)
   paths = _enumerate(prep, max_paths)
   xs = _examples(prep, x, "x")
-  units = _units(prep, xs)
-  n = xs[0].shape[0]
-  gates = jnp.concatenate([units[s.key].reshape(n, -1) for s in prep.sites]
-                          + [jnp.ones((n, 1), prep.net.dtype)], axis=1)
-  inputs = jnp.concatenate([v.reshape(n, -1) for v in xs] + [jnp.ones((n, 1), prep.net.dtype)],
-                           axis=1)
-  source = np.where(paths.source < 0, inputs.shape[1] - 1, paths.source)
-  scale = jnp.asarray(np.sqrt(paths.multiplicity), prep.net.dtype)
-  return inputs[:, source] * jnp.prod(gates[:, paths.units], axis=-1) * scale[None, :]
+  n, dtype = xs[0].shape[0], prep.net.dtype
+  n_inputs = sum(math.prod(v.shape[1:]) for v in xs)
+  source = np.where(paths.source < 0, n_inputs, paths.source)
+  scale = np.sqrt(paths.multiplicity)
+
+  def features(xs):
+    units = _units(prep, xs)
+    gates = jnp.concatenate([units[s.key].reshape(n, -1) for s in prep.sites]
+                            + [jnp.ones((n, 1), dtype)], axis=1)
+    inputs = jnp.concatenate([v.reshape(n, -1) for v in xs] + [jnp.ones((n, 1), dtype)], axis=1)
+    return (inputs[:, source] * jnp.prod(gates[:, paths.units], axis=-1)
+            * jnp.asarray(scale, dtype)[None, :])
+
+  return _compiled(features, xs)
 
 
 # ------------------------------------------------------------------------ deep gated networks
@@ -491,6 +526,11 @@ def gated(apply_fn: Callable[[Any, Any], Any]) -> Callable[..., Any]:
     if jax.tree.structure(value_params) != jax.tree.structure(gate_params):
       raise PathNetworkError("gated_apply: value_params and gate_params must have the same "
                              "tree structure (two copies of the same network).")
+    if soft is not None:
+      soft = SoftGates(*soft)
+    return compiled(value_params, gate_params, x, soft)
+
+  def run(value_params, gate_params, x, soft):
     jaxpr, sites, out_tree = prepared(value_params, x)
     inputs = jax.tree.leaves(x)
     gates = {}
@@ -513,4 +553,5 @@ def gated(apply_fn: Callable[[Any, Any], Any]) -> Callable[..., Any]:
     outs = _recorder.evaluate(jaxpr, jax.tree.leaves(value_params) + inputs, sites, apply_gate)
     return jax.tree.unflatten(out_tree, outs)
 
+  compiled = jax.jit(run)
   return gated_apply
