@@ -90,7 +90,7 @@ from pathsgd_jax._pathnet import PathNetwork
 from pathsgd_jax._scales import ApplyFn, _log_mantissa
 from pathsgd_jax._transform import _check_number, _safe_divide
 
-__all__ = ["ScaleByDDPState", "ddp_scales", "ddp_sgd",
+__all__ = ["DDPDense", "DDPLinear", "ScaleByDDPState", "ddp_scales", "ddp_sgd",
            "scale_by_ddp"]
 
 _NO_INPUTS = (
@@ -441,3 +441,154 @@ def ddp_sgd(learning_rate: optax.ScalarOrSchedule, apply_fn: ApplyFn, example_in
       else optax.identity(),
       optax.scale_by_learning_rate(learning_rate))
 
+
+
+# ---------------------------------------------------------------------- DDP-Normalization
+def _ddp_normalize(z, kernel, bias, stats, *, alpha, centered, epsilon):
+  """z / γ with γ² = α·(second moment or variance) + (1−α)·(‖w_→v‖² + b_v²); z centred
+  first when ``centered``. ``stats`` = (mean, second moment) per unit."""
+  mean, second = stats
+  data = second - mean * mean if centered else second
+  path = jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1)))
+  if bias is not None:
+    path = path + jnp.square(bias)
+  gamma2 = alpha * data + (1 - alpha) * path
+  row = lambda v: jnp.reshape(v, (1,) * (z.ndim - 1) + (-1,))
+  return ((z - row(mean)) if centered else z) * row(lax.rsqrt(gamma2 + epsilon))
+
+
+def _affine(x, kernel, bias):
+  z = x @ kernel
+  return z if bias is None else z + jnp.reshape(bias, (1,) * (z.ndim - 1) + (-1,))
+
+
+def _moments(z):
+  axes = tuple(range(z.ndim - 1))
+  return jnp.mean(z, axes), jnp.mean(jnp.square(z), axes)
+
+
+def _check_norm(alpha, momentum, epsilon):
+  _check_alpha(alpha)
+  _check_number("momentum", momentum, low=0.0, high=1.0)
+  _check_number("epsilon", epsilon, low=0.0)
+
+
+import flax.linen as _nn  # noqa: E402  pylint: disable=wrong-import-position
+from flax import nnx as _nnx  # noqa: E402  pylint: disable=wrong-import-position
+
+
+class DDPDense(_nn.Module):
+  r"""DDP-Normalization (Linen): a dense layer whose units are divided by their complexity γ.
+
+  .. math::
+     z = x W + b, \quad γ_v^2 = α\,\mathbb E_B[z_v^2] + (1-α)\big(\lVert W_{:,v}\rVert^2
+     + b_v^2\big), \quad y_v = z_v / \sqrt{γ_v^2 + ε},
+
+  the layer-wise form of the DDP complexity when the layer's inputs are themselves
+  normalised units (γ_u = 1) or the network's inputs. α = 0 divides each unit by its path
+  norm, α = 1 by the root mean square of its batch pre-activation; ``centered=True`` uses
+  the variance and subtracts the mean, so α = 1 is BatchNorm without scale and shift. The
+  output is invariant under any positive rescaling of the layer's incoming weights and bias.
+  Apply the ReLU after it. Batch statistics live in the ``batch_stats`` collection (running
+  averages for ``use_running_average=True``, as :class:`flax.linen.BatchNorm`).
+
+  Attributes:
+    features: number of units.
+    alpha: data dependence in [0, 1].
+    use_bias: whether the layer has a bias.
+    centered: use the variance (and centre z) instead of the second moment.
+    use_running_average: read the running statistics instead of the batch's.
+    momentum: decay of the running statistics.
+    epsilon: added to γ² before the square root.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, pathsgd_jax as psgd
+    >>> layer = psgd.ddp.DDPDense(4, alpha=1.0)
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+    >>> variables = layer.init(jax.random.key(1), x, use_running_average=False)
+    >>> y, _ = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    >>> bool(jnp.allclose(jnp.mean(y ** 2, axis=0), 1.0, atol=1e-4))
+    True
+  """
+
+  features: int
+  alpha: float
+  use_bias: bool = True
+  centered: bool = False
+  use_running_average: bool | None = None
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  kernel_init: Any = _nn.initializers.lecun_normal()
+
+  @_nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    _check_norm(self.alpha, self.momentum, self.epsilon)
+    frozen = _nn.merge_param("use_running_average", self.use_running_average,
+                             use_running_average)
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param("bias", _nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    z = _affine(x, kernel, bias)
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), z.dtype)
+    second = self.variable("batch_stats", "second_moment", jnp.ones, (self.features,), z.dtype)
+    if frozen:
+      stats = (mean.value, second.value)
+    else:
+      stats = _moments(z)
+      if not self.is_initializing():
+        mean.value = self.momentum * mean.value + (1 - self.momentum) * stats[0]
+        second.value = self.momentum * second.value + (1 - self.momentum) * stats[1]
+    return _ddp_normalize(z, kernel, bias, stats, alpha=self.alpha, centered=self.centered,
+                          epsilon=self.epsilon)
+
+
+class DDPLinear(_nnx.Module):
+  r"""DDP-Normalization (NNX): :class:`DDPDense` as an ``nnx.Module``.
+
+  Running statistics are ``nnx.BatchStat`` variables; ``model.train()`` / ``model.eval()``
+  switch ``use_running_average`` as for ``nnx.BatchNorm``.
+
+  Args:
+    in_features: input size.
+    out_features: number of units.
+    alpha: data dependence in [0, 1].
+    use_bias, centered, use_running_average, momentum, epsilon: as in :class:`DDPDense`.
+    rngs: ``nnx.Rngs`` for the kernel's initialisation (LeCun normal).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import pathsgd_jax as psgd
+    >>> layer = psgd.ddp.DDPLinear(3, 4, alpha=0.0, rngs=nnx.Rngs(0))
+    >>> y = layer(jnp.ones((8, 3)))  # z / ‖w_→v‖ (zero bias)
+    >>> bool(jnp.allclose(y[0], jnp.sum(layer.kernel.value, 0)
+    ...                   / jnp.linalg.norm(layer.kernel.value, axis=0), atol=1e-4))
+    True
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, alpha: float,
+               use_bias: bool = True, centered: bool = False,
+               use_running_average: bool = False, momentum: float = 0.99,
+               epsilon: float = 1e-5, rngs: _nnx.Rngs):
+    _check_norm(alpha, momentum, epsilon)
+    self.alpha, self.centered, self.epsilon, self.momentum = alpha, centered, epsilon, momentum
+    self.use_running_average = use_running_average
+    self.kernel = _nnx.Param(_nn.initializers.lecun_normal()(rngs.params(),
+                                                             (in_features, out_features)))
+    self.bias = _nnx.Param(jnp.zeros((out_features,))) if use_bias else None
+    self.mean = _nnx.BatchStat(jnp.zeros((out_features,)))
+    self.second_moment = _nnx.BatchStat(jnp.ones((out_features,)))
+
+  def __call__(self, x, use_running_average: bool | None = None):
+    frozen = self.use_running_average if use_running_average is None else use_running_average
+    kernel = self.kernel.value
+    bias = self.bias.value if self.bias is not None else None
+    z = _affine(x, kernel, bias)
+    if frozen:
+      stats = (self.mean.value, self.second_moment.value)
+    else:
+      stats = _moments(z)
+      self.mean.value = self.momentum * self.mean.value + (1 - self.momentum) * stats[0]
+      self.second_moment.value = (self.momentum * self.second_moment.value
+                                  + (1 - self.momentum) * stats[1])
+    return _ddp_normalize(z, kernel, bias, stats, alpha=self.alpha, centered=self.centered,
+                          epsilon=self.epsilon)

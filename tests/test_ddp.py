@@ -268,11 +268,20 @@ def test_linen_loop_by_hand_and_chain():
     assert np.all(np.isfinite(losses)) and np.mean(losses[-4:]) < losses[0], losses
 
 
+class _NNXBatchNormMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1, self.bn = nnx.Linear(784, 12, rngs=rngs), nnx.BatchNorm(12, rngs=rngs)
+        self.l2 = nnx.Linear(12, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+
 def test_nnx_optimizer_with_inputs_and_train_mode_batchnorm():
     """nnx.Optimizer.update(model, grads, inputs=x); BatchNorm folded at the batch's statistics
     (α = 0 is then Path-SGD's κ of the folded network)."""
-    x, y = mz.digits(64)
-    model = mz.nnx_bn_cnn(nnx.Rngs(0))
+    x, y = mz.digits(64, flat=True)
+    model = _NNXBatchNormMLP(nnx.Rngs(0))
     model.train()
     path_fn = psgd.nnx.apply_fn(model, batch_statistics=True)
     params = nnx.state(model, nnx.Param)
@@ -293,3 +302,45 @@ def test_nnx_optimizer_with_inputs_and_train_mode_batchnorm():
     assert np.all(np.isfinite(losses)), losses
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
                                                         jax.tree.leaves(after)))
+
+
+def test_ddp_normalization_linen_nnx_batchnorm_and_invariance():
+    x = _batch(4, 32, 3, jnp.float32)
+    layer = psgd.ddp.DDPDense(5, alpha=1.0, centered=True, epsilon=1e-5)
+    variables = layer.init(jax.random.key(0), x, use_running_average=False)
+    params = jax.tree.map(lambda p: p + 0.3, variables["params"])  # a non-zero bias
+    y, _ = layer.apply({**variables, "params": params}, x, use_running_average=False,
+                       mutable=["batch_stats"])
+    z = x @ params["kernel"] + params["bias"][None]
+    bn = nn.BatchNorm(use_scale=False, use_bias=False, epsilon=1e-5)
+    reference, _ = bn.apply(bn.init(jax.random.key(1), z, use_running_average=False), z,
+                            use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-5)
+    for alpha in (0.0, 0.5, 1.0):
+        layer = psgd.ddp.DDPDense(5, alpha=alpha, epsilon=0.0)
+        run = lambda p: layer.apply({**variables, "params": p}, x, use_running_average=False,
+                                    mutable=["batch_stats"])[0]
+        c = jnp.asarray([0.1, 1.0, 7.0, 2.0, 0.5])
+        scaled = {"kernel": params["kernel"] * c[None], "bias": params["bias"] * c}
+        np.testing.assert_allclose(run(params), run(scaled), rtol=1e-5, atol=1e-6)
+        if alpha == 0.0:
+            norm = jnp.sqrt(jnp.sum(params["kernel"] ** 2, 0) + params["bias"] ** 2)
+            np.testing.assert_allclose(run(params), z / norm[None], rtol=1e-5)
+    linear = psgd.ddp.DDPLinear(3, 5, alpha=0.5, rngs=nnx.Rngs(0))
+    linear.kernel.value, linear.bias.value = params["kernel"], params["bias"]
+    layer = psgd.ddp.DDPDense(5, alpha=0.5)
+    expected = layer.apply({**variables, "params": params}, x, use_running_average=False,
+                           mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(linear(x), expected, rtol=1e-5, atol=1e-6)
+    linear.eval()
+    assert linear.use_running_average
+    np.testing.assert_allclose(linear(x), _ddp_frozen(linear, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        psgd.ddp.DDPLinear(3, 5, alpha=2.0, rngs=nnx.Rngs(0))
+
+
+def _ddp_frozen(linear, x):
+    z = x @ linear.kernel.value + linear.bias.value[None]
+    path = jnp.sum(linear.kernel.value ** 2, 0) + linear.bias.value ** 2
+    gamma2 = linear.alpha * linear.second_moment.value + (1 - linear.alpha) * path
+    return z / jnp.sqrt(gamma2 + linear.epsilon)[None]

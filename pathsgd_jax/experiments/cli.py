@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
                      description=lr.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   lr.add_arguments(p)
+  from pathsgd_jax.experiments import ddp  # pylint: disable=g-import-not-at-top
+  p = sub.add_parser("ddp", help="DDP-SGD (alpha 0, 0.5, 1) vs SGD, SGD+BatchNorm, Path-SGD, "
+                     "Adam", description=ddp.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  ddp.add_arguments(p)
   return parser
 
 
@@ -352,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "lr":
       from pathsgd_jax.experiments import lr  # pylint: disable=g-import-not-at-top
       lr.run_lr(lr.config_from_args(args), log=_log_fn(args.quiet))
+      return 0
+    if args.command == "ddp":
+      from pathsgd_jax.experiments import ddp  # pylint: disable=g-import-not-at-top
+      ddp.run_ddp(ddp.config_from_args(args), log=_log_fn(args.quiet))
       return 0
     if args.command == "depth":
       from pathsgd_jax.experiments import depth  # pylint: disable=g-import-not-at-top
