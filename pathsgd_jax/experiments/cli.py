@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--batch", type=_positive_int, default=100, help="batch size (default 100)")
   b.add_argument("--refresh-every", nargs="+", type=_positive_int, default=[1, 10],
                  metavar="K", help="Path-SGD kappa refresh periods to compare (default 1 10)")
+  b.add_argument("--ddp-alphas", nargs="+", type=float, default=[], metavar="A",
+                 help="also time ddp_sgd (momentum 0.9) at these alphas, e.g. 0.5 1 (default none)")
   b.add_argument("--repeats", type=_positive_int, default=30,
                  help="timed repeats per variant (default 30)")
   b.add_argument("--warmup", type=int, default=2, help="untimed repeats first (default 2)")
@@ -243,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "Adam", description=ddp.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   ddp.add_arguments(p)
+  from pathsgd_jax.experiments import npk  # pylint: disable=g-import-not-at-top
+  p = sub.add_parser("npk", help="gates vs weights: ReLU vs deep gated networks, NPK alignment",
+                     description=npk.__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  npk.add_arguments(p)
   return parser
 
 
@@ -299,7 +306,8 @@ def _bench(args: argparse.Namespace) -> int:
   cfg = bench.BenchConfig(
       networks=args.networks, mlp_sizes=args.mlp_sizes, cnn_channels=args.cnn_channels,
       image_size=args.image_size, image_channels=args.image_channels, batch=args.batch,
-      refresh_every=args.refresh_every, repeats=args.repeats, warmup=args.warmup,
+      refresh_every=args.refresh_every, ddp_alphas=args.ddp_alphas, repeats=args.repeats,
+      warmup=args.warmup,
       number=args.number, seed=args.seed)
   results = bench.run_bench(cfg, log=_log_fn(args.quiet))
   results["argv"] = sys.argv[1:]
@@ -361,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "ddp":
       from pathsgd_jax.experiments import ddp  # pylint: disable=g-import-not-at-top
       ddp.run_ddp(ddp.config_from_args(args), log=_log_fn(args.quiet))
+      return 0
+    if args.command == "npk":
+      from pathsgd_jax.experiments import npk  # pylint: disable=g-import-not-at-top
+      npk.run_npk(npk.config_from_args(args), log=_log_fn(args.quiet))
       return 0
     if args.command == "depth":
       from pathsgd_jax.experiments import depth  # pylint: disable=g-import-not-at-top
