@@ -137,12 +137,17 @@ def cnn_network(image_size: int, image_channels: int, channels: Sequence[int], c
 
 
 def optimizer_variants(net: Network, refresh: Sequence[int], momentum: float = 0.9,
-                       lr: float = 1e-4) -> dict[str, optax.GradientTransformation]:
-  """``sgd`` (momentum), ``adagrad`` and ``path-sgd`` (momentum) for each refresh period."""
+                       lr: float = 1e-4, ddp_alphas: Sequence[float] = ()
+                       ) -> dict[str, optax.GradientTransformation]:
+  """``sgd`` (momentum), ``adagrad``, ``path-sgd`` (momentum) for each refresh period and
+  ``ddp-sgd`` (momentum) for each α of ``ddp_alphas``."""
   out = {"sgd": optax.sgd(lr, momentum=momentum), "adagrad": optax.adagrad(lr)}
   for k in refresh:
     out[f"path-sgd (refresh {k})"] = pathsgd_jax.path_sgd(
         lr, net.apply, net.x, momentum=momentum, refresh_every=k)
+  for alpha in ddp_alphas:
+    out[f"ddp-sgd (alpha {alpha:g})"] = pathsgd_jax.ddp_sgd(lr, net.apply, net.x, alpha=alpha,
+                                                            momentum=momentum)
   return out
 
 
@@ -154,7 +159,7 @@ def make_step(apply: Callable, tx: optax.GradientTransformation) -> Callable:
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y))
 
     grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, inputs=x)  # DDP reads the batch
     return optax.apply_updates(params, updates), opt_state
 
   return jax.jit(step, donate_argnums=(0, 1))
@@ -187,13 +192,14 @@ class _Stepper:
     jax.block_until_ready((self.params, self.opt_state))
 
 
-def bench_network(net: Network, *, refresh: Sequence[int] = (1, 10), repeats: int = 30,
+def bench_network(net: Network, *, refresh: Sequence[int] = (1, 10),
+                  ddp_alphas: Sequence[float] = (), repeats: int = 30,
                   warmup: int = 2, number: int | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
   """Times and sizes every optimizer variant on ``net``; returns a JSON-friendly dict."""
   if number is None:
     number = math.lcm(*refresh) if refresh else 1
-  variants = optimizer_variants(net, refresh)
+  variants = optimizer_variants(net, refresh, ddp_alphas=ddp_alphas)
   steppers, info = {}, {}
   for name, tx in variants.items():
     params = jax.tree.map(jnp.copy, net.params)
@@ -305,6 +311,7 @@ class BenchConfig:
   classes: int = 10
   batch: int = 100
   refresh_every: Sequence[int] = (1, 10)
+  ddp_alphas: Sequence[float] = ()
   repeats: int = 30
   warmup: int = 2
   number: int | None = None
@@ -329,6 +336,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     else:
       raise common.ConfigError(f"Unknown network {name!r}; choose mlp or cnn.")
     results["networks"][name] = bench_network(net, refresh=cfg.refresh_every,
+                                              ddp_alphas=cfg.ddp_alphas,
                                               repeats=cfg.repeats, warmup=cfg.warmup,
                                               number=cfg.number, log=log)
   results["device_memory_stats"] = device_memory_stats()
