@@ -13,7 +13,7 @@ from pathsgd_jax._pathnet import PathNetwork, check_p
 from pathsgd_jax._scales import ApplyFn, compute_scales
 from pathsgd_jax._transform import _check_number
 
-DEFAULT_TARGET = 0.1
+DEFAULT_TARGET = 0.3
 
 
 def relative_step(apply_fn: ApplyFn, params, updates, x, *, p: float = 2.0, mask=None) -> float:

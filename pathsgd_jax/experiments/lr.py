@@ -51,6 +51,7 @@ class LrConfig:
 
   models: tuple[str, ...] = gallery.MODELS
   target: float = DEFAULT_TARGET
+  other_targets: tuple[float, ...] = (0.1, 1.0)
   momentum: float = 0.9
   max_relative_step: float | None = 1.0
   steps: int = 60
@@ -72,8 +73,8 @@ class LrConfig:
     for name in ("grid", "sgd_grid"):
       if not all(v > 0 and math.isfinite(v) for v in getattr(self, name)):
         raise common.ConfigError(f"{name} must hold positive finite learning rates.")
-    if not (self.target > 0 and math.isfinite(self.target)):
-      raise common.ConfigError(f"target must be positive and finite, got {self.target!r}.")
+    if not all(t > 0 and math.isfinite(t) for t in (self.target, *self.other_targets)):
+      raise common.ConfigError("targets must be positive and finite.")
     if not 0 <= self.momentum < 1:
       raise common.ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}.")
     for name in ("steps", "batch_size", "n_train", "mlp_width", "resnet_blocks"):
@@ -120,8 +121,10 @@ def run_model(name: str, cfg: LrConfig, x_nhwc: np.ndarray, y: np.ndarray, log=p
   t0 = time.perf_counter()
   xb, yb = batches[0]
   grads, _ = jax.jit(jax.grad(problem.loss, has_aux=True))(problem.params, problem.aux, xb, yb)
-  suggested = psgd.suggest_learning_rate(problem.path_fn, problem.params, grads, xb,
-                                         target=cfg.target, momentum=cfg.momentum or None)
+  targets = [cfg.target] + [t for t in cfg.other_targets if t != cfg.target]
+  rules = [psgd.suggest_learning_rate(problem.path_fn, problem.params, grads, xb, target=t,
+                                      momentum=cfg.momentum or None) for t in targets]
+  suggested = rules[0]
   suggest_s = time.perf_counter() - t0
   phi = float(psgd.path_norm(problem.path_fn, problem.params, xb))
   log(f"[lr] {name}: {problem.description}; {gallery.count(problem.params):,} parameters, "
@@ -129,7 +132,8 @@ def run_model(name: str, cfg: LrConfig, x_nhwc: np.ndarray, y: np.ndarray, log=p
       f"({suggest_s:.1f}s)")
 
   runs = []
-  for kind, rates in (("path-sgd", [suggested, *cfg.grid]), ("sgd", list(cfg.sgd_grid))):
+  n_rules = len(rules)
+  for kind, rates in (("path-sgd", [*rules, *cfg.grid]), ("sgd", list(cfg.sgd_grid))):
     make_tx, step = _trainer(problem, cfg, kind, xb)
     for i, lr in enumerate(rates):
       params, aux = problem.params, problem.aux
@@ -139,7 +143,7 @@ def run_model(name: str, cfg: LrConfig, x_nhwc: np.ndarray, y: np.ndarray, log=p
       for j, (xb_j, yb_j) in enumerate(batches):
         new, aux, opt_state, loss = step(params, aux, opt_state, jnp.asarray(lr, jnp.float32),
                                          xb_j, yb_j)
-        if j == 0 and kind == "path-sgd" and i == 0:
+        if j == 0 and kind == "path-sgd" and i < n_rules:
           first_step = psgd.relative_step(problem.path_fn, params,
                                           jax.tree.map(jnp.subtract, new, params), xb_j)
         params = new
@@ -148,12 +152,15 @@ def run_model(name: str, cfg: LrConfig, x_nhwc: np.ndarray, y: np.ndarray, log=p
           break
       end = float(eval_loss(params, aux, x, y)) if _finite(params) else float("nan")
       diverged = not (math.isfinite(end) and all(map(math.isfinite, losses)))
-      runs.append({"optimizer": kind, "rule": kind == "path-sgd" and i == 0, "lr": lr,
+      is_rule = kind == "path-sgd" and i < n_rules
+      runs.append({"optimizer": kind, "rule": is_rule, "target": targets[i] if is_rule else None,
+                   "lr": lr,
                    "loss_before": start, "loss_after": None if diverged else end,
                    "diverged": diverged, "batch_losses": losses,
                    "first_relative_step": first_step,
                    "wall_time_s": time.perf_counter() - t0})
-      log(f"[lr]   {kind:8s} {'(rule)' if runs[-1]['rule'] else '      '} η = {lr:<9.3g} "
+      tag = f"(rule {targets[i]:g})" if is_rule else ""
+      log(f"[lr]   {kind:8s} {tag:11s} η = {lr:<9.3g} "
           f"loss {start:.4f} -> {common.fmt(runs[-1]['loss_after'])}")
   return {"model": name, "description": problem.description,
           "parameters": gallery.count(problem.params), "path_norm": phi,
@@ -169,12 +176,15 @@ def _best(runs, kind):
 def summary_rows(results: dict) -> list[dict]:
   rows = []
   for m in results["models"]:
-    rule = next(r for r in m["runs"] if r["rule"])
+    rules = [r for r in m["runs"] if r["rule"]]
+    rule = rules[0]
     best, sgd = _best(m["runs"], "path-sgd"), _best(m["runs"], "sgd")
     rows.append({
         "model": m["model"], "suggested_lr": m["suggested_lr"],
         "loss_before": m["loss_before"], "rule_loss_after": rule["loss_after"],
         "first_relative_step": rule["first_relative_step"],
+        "other_targets": {f"{r['target']:g}": {"lr": r["lr"], "loss_after": r["loss_after"]}
+                          for r in rules[1:]},
         "grid_best_lr": best and best["lr"], "grid_best_loss_after": best and best["loss_after"],
         "best_over_suggested": best and best["lr"] / m["suggested_lr"],
         "grid_diverged": [r["lr"] for r in m["runs"]
@@ -185,13 +195,16 @@ def summary_rows(results: dict) -> list[dict]:
 
 def format_summary(rows: list[dict]) -> str:
   f = common.fmt
+  others = list(rows[0]["other_targets"]) if rows else []
   return common.table(
-      ["model", "suggested η", "loss before", "rule: after", "grid best η", "after",
-       "best/sugg.", "SGD best η", "after"],
-      [[r["model"], f(r["suggested_lr"], ".3g"), f(r["loss_before"]), f(r["rule_loss_after"]),
-        f(r["grid_best_lr"], "g"), f(r["grid_best_loss_after"]),
-        f(r["best_over_suggested"], ".2g"), f(r["sgd_best_lr"], "g"),
-        f(r["sgd_best_loss_after"])] for r in rows])
+      ["model", "suggested η", "loss before", "rule: after"]
+      + [f"target {t}: after" for t in others]
+      + ["grid best η", "after", "best/sugg.", "SGD best η", "after"],
+      [[r["model"], f(r["suggested_lr"], ".3g"), f(r["loss_before"]), f(r["rule_loss_after"])]
+       + [f(r["other_targets"][t]["loss_after"]) for t in others]
+       + [f(r["grid_best_lr"], "g"), f(r["grid_best_loss_after"]),
+          f(r["best_over_suggested"], ".2g"), f(r["sgd_best_lr"], "g"),
+          f(r["sgd_best_loss_after"])] for r in rows])
 
 
 def plot_lr(results: dict):
@@ -248,6 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target", type=float, default=d.target,
                       help="relative change of the network in the first step (default "
                            "%(default)s)")
+  parser.add_argument("--other-targets", type=float, nargs="*", default=list(d.other_targets),
+                      help="further targets run for comparison (default %(default)s)")
   parser.add_argument("--momentum", type=float, default=d.momentum)
   parser.add_argument("--max-relative-step", type=float, default=d.max_relative_step,
                       help="path_sgd's trust region for every Path-SGD run; 0 = off "
@@ -266,7 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> LrConfig:
-  return LrConfig(models=tuple(args.models), target=args.target, momentum=args.momentum,
+  return LrConfig(models=tuple(args.models), target=args.target,
+                  other_targets=tuple(args.other_targets), momentum=args.momentum,
                   max_relative_step=args.max_relative_step or None, steps=args.steps,
                   batch_size=args.batch_size, n_train=args.n_train, grid=tuple(args.grid),
                   sgd_grid=tuple(args.sgd_grid), mlp_width=args.mlp_width,
