@@ -200,16 +200,48 @@ def run_ddp(cfg: DDPConfig, log=print) -> dict:
   results["wall_time_s"] = time.perf_counter() - t_start
   os.makedirs(cfg.out, exist_ok=True)
   from pathsgd_jax.experiments import plotting  # pylint: disable=g-import-not-at-top
-  plotting.optimizers.LABELS.update(LABELS)
-  fig = plotting.plot_paper({**results, "config": {"depth": cfg.depth, "width": cfg.width,
-                                                   "batch_size": cfg.batch_size}})
-  fig.suptitle(f"DDP-SGD vs baselines: {cfg.depth} x {cfg.width} ReLU MLP, batch "
-               f"{cfg.batch_size}, lr chosen by final validation error", fontsize=10)
-  plotting.save_figure(fig, os.path.join(cfg.out, "ddp.png"))
+  plotting.save_figure(plot_ddp(results), os.path.join(cfg.out, "ddp.png"))
   results["figures"] = ["ddp.png"]
   common.write_json(os.path.join(cfg.out, "results.json"), results)
   log(format_ddp(results))
   return results
+
+
+_STYLE = {"sgd": ("tab:gray", "-"), "sgd-bn": ("tab:brown", "-"), "adam": ("tab:purple", "-"),
+          "path-sgd": ("black", ":"), "ddp-0": ("tab:orange", "-"), "ddp-0.5": ("tab:green", "-"),
+          "ddp-1": ("tab:blue", "-")}
+
+
+def plot_ddp(results: dict):
+  """Training loss (log) and test error per epoch; one column per data set x start."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  cols = list(dict.fromkeys((r["dataset"], r["init"]) for r in results["runs"]))
+  fig = Figure(figsize=(3.6 * len(cols) + 0.4, 6.2), layout="constrained")
+  axes = fig.subplots(2, len(cols), squeeze=False)
+  for c, col in enumerate(cols):
+    for run in (r for r in results["runs"] if (r["dataset"], r["init"]) == col):
+      color, style = _STYLE.get(run["optimizer"], (None, "-"))
+      lr = run["chosen_lr"]
+      label = LABELS.get(run["optimizer"], run["optimizer"]) + (
+          " (diverged)" if lr is None else f" (lr {lr:.0e})")
+      for ax, key in ((axes[0, c], "train_loss"), (axes[1, c], "test_error")):
+        pts = [(e, v) for e, v in zip(run["curves"]["epoch"], run["curves"][key]) if v is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linestyle=style,
+                marker="o", markersize=3, label=label)
+    axes[0, c].set_title(f"{col[0]}, {col[1]}", fontsize=10)
+    axes[0, c].set_yscale("log")
+    axes[1, c].set_xlabel("epoch")
+    axes[0, c].legend(fontsize=7)
+    for ax in axes[:, c]:
+      ax.grid(True, which="both", alpha=0.3)
+  axes[0, 0].set_ylabel("training loss (cross-entropy)")
+  axes[1, 0].set_ylabel("test error")
+  cfg = results.get("config", {})
+  fig.suptitle(f"DDP-SGD vs baselines: {cfg.get('depth')} x {cfg.get('width')} ReLU MLP, "
+               f"batch {cfg.get('batch_size')}, lr chosen by final validation error",
+               fontsize=10)
+  return fig
 
 
 def format_ddp(results: dict) -> str:
