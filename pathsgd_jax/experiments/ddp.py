@@ -36,7 +36,7 @@ OPTIMIZERS = ("sgd", "sgd-bn", "adam", "path-sgd", "ddp-0", "ddp-0.5", "ddp-1")
 LABELS = {"sgd": "SGD", "sgd-bn": "SGD + BatchNorm", "adam": "Adam", "path-sgd": "Path-SGD",
           "ddp-0": "DDP-SGD α=0", "ddp-0.5": "DDP-SGD α=0.5", "ddp-1": "DDP-SGD α=1"}
 GRIDS = {"sgd": (1.0, 0.1, 0.01, 0.001), "sgd-bn": (1.0, 0.1, 0.01), "adam": (0.01, 0.001, 1e-4),
-         "path-sgd": (0.1, 0.01, 0.001), "ddp-0": (0.1, 0.01, 0.001),
+         "path-sgd": (1.0, 0.1, 0.01, 0.001), "ddp-0": (1.0, 0.1, 0.01, 0.001),
          "ddp-0.5": (0.1, 0.01, 0.001), "ddp-1": (0.1, 0.01, 0.001)}
 
 
