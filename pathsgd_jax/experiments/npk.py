@@ -3,8 +3,9 @@
 Lakshminarayanan & Singh (NeurIPS 2020) split a ReLU network into its gates (neural path
 features) and its weights (neural path values). This study trains, on each data set and for
 a fully connected network (5 hidden layers of 128) and a small CNN with global average
-pooling (conv3x3 8 - avgpool2 - conv3x3 16 - avgpool2 - conv3x3 16 - GAP - dense), five
-variants built with `pathsgd_jax.gated`:
+pooling (avgpool2 of the image, then conv3x3 8 - avgpool2 - conv3x3 16 - avgpool2 - conv3x3 16
+- GAP - dense; --cnn-input-pool 1 keeps the full image), five variants built with
+`pathsgd_jax.gated`:
 
 * relu: the ReLU network itself;
 * flnpf: gates copied from that trained ReLU network and frozen; a fresh value network
@@ -60,13 +61,14 @@ class NPKConfig:
   width: int = 128
   depth: int = 5
   channels: tuple[int, ...] = (8, 16, 16)
-  epochs: int = 12
+  cnn_input_pool: int = 2
+  epochs: int = 10
   batch_size: int = 64
   lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
   momentum: float = 0.9
   beta: float = 4.0
   epsilon: float = 0.1
-  kernel_examples: int = 64
+  kernel_examples: int = 48
   train_subset: int | None = None
   test_subset: int | None = None
   val_fraction: float = 0.1
@@ -112,11 +114,15 @@ def cnn_init(key, c_in, channels, n_out):
   return params
 
 
-def cnn_apply(params, x):
-  h = x
+def _avg_pool(h, k):
+  return lax.reduce_window(h, 0.0, lax.add, (1, k, k, 1), (1, k, k, 1), "VALID") / float(k * k)
+
+
+def cnn_apply(params, x, input_pool=1):
+  h = _avg_pool(x, input_pool) if input_pool > 1 else x
   for i, layer in enumerate(params[:-1]):
     if i:
-      h = lax.reduce_window(h, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
+      h = _avg_pool(h, 2)
     h = lax.conv_general_dilated(h, layer["w"], (1, 1), "SAME",
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = jax.nn.relu(h + layer["b"][None, None, None, :])
@@ -127,7 +133,9 @@ def cnn_apply(params, x):
 def _network(arch, cfg: NPKConfig, shape, n_out):
   if arch == "fc":
     return (lambda k: fc_init(k, int(np.prod(shape)), cfg.width, cfg.depth, n_out)), fc_apply
-  return (lambda k: cnn_init(k, shape[-1], cfg.channels, n_out)), cnn_apply
+  pool = cfg.cnn_input_pool
+  return ((lambda k: cnn_init(k, shape[-1], cfg.channels, n_out)),
+          lambda params, x: cnn_apply(params, x, pool))
 
 
 # --------------------------------------------------------------------------------- training
@@ -339,6 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--width", type=int, default=d.width)
   parser.add_argument("--depth", type=int, default=d.depth)
   parser.add_argument("--channels", nargs="+", type=int, default=list(d.channels))
+  parser.add_argument("--cnn-input-pool", type=int, default=d.cnn_input_pool,
+                      help="average-pool the image by this factor before the CNN (default 2)")
   parser.add_argument("--epochs", type=int, default=d.epochs)
   parser.add_argument("--batch-size", type=int, default=d.batch_size)
   parser.add_argument("--lr-grid", nargs="+", type=float, default=list(d.lr_grid))
@@ -357,7 +367,7 @@ def config_from_args(args: argparse.Namespace) -> NPKConfig:
   return NPKConfig(
       datasets=tuple(args.dataset), data_dir=args.data_dir, archs=tuple(args.archs),
       variants=tuple(args.variants), width=args.width, depth=args.depth,
-      channels=tuple(args.channels), epochs=args.epochs, batch_size=args.batch_size,
+      channels=tuple(args.channels), cnn_input_pool=args.cnn_input_pool, epochs=args.epochs, batch_size=args.batch_size,
       lr_grid=tuple(args.lr_grid), momentum=args.momentum, beta=args.beta,
       epsilon=args.epsilon, kernel_examples=args.kernel_examples,
       train_subset=args.train_subset, test_subset=args.test_subset, seed=args.seed,
