@@ -158,7 +158,8 @@ def _group_sizes(apply_fn, params, tree: dict[str, Any], x, p, mask, *, what: st
   if params is None:
     raise ValueError("params is None: pass the parameter tree apply_fn takes.")
   [(kind, given)] = tree.items()
-  net = PathNetwork(apply_fn, params, x, p, mask)
+  normalized = kind == "grads"  # g²/κ needs κ/φ², finite at any depth; Δ²κ needs raw κ
+  net, measure = _compiled(apply_fn, params, x, p, mask, normalized)
   try:
     given_leaves = net.treedef.flatten_up_to(given)
   except (ValueError, TypeError) as e:
@@ -168,11 +169,35 @@ def _group_sizes(apply_fn, params, tree: dict[str, Any], x, p, mask, *, what: st
     if np.shape(leaf) != np.shape(w):
       raise ValueError(f"{what} leaf '{name}' has shape {np.shape(leaf)}, its parameter "
                        f"{np.shape(w)}: pass a tree like params.")
-  normalized = kind == "grads"  # g²/κ needs κ/φ², finite at any depth; Δ²κ needs raw κ
-  sizes = jax.jit(lambda prm, leaves, batch: _sizes(net, prm, leaves, batch, normalized))(
-      params, given_leaves, x)
+  sizes = measure(params, given_leaves, x)
   sizes = [float(v) for v in jax.device_get(sizes[0])], float(sizes[1])
   return sizes if with_log_phi_sq else sizes[0]
+
+
+_CACHE: dict = {}  # (apply_fn, shapes, p, normalized) -> (PathNetwork, jitted measure)
+
+
+def _compiled(apply_fn, params, x, p, mask, normalized):
+  """The path network and the jitted measure, reused for the same function and shapes (a
+  mask, which may be any tree or callable, is never cached)."""
+  shapes = lambda tree: (jax.tree.structure(tree),
+                         tuple((np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)))
+  key = None
+  if mask is None:
+    try:
+      key = (apply_fn, shapes(params), shapes(x), p, normalized)
+      hash(key)
+    except TypeError:
+      key = None
+  if key is not None and key in _CACHE:
+    return _CACHE[key]
+  net = PathNetwork(apply_fn, params, x, p, mask)
+  measure = jax.jit(lambda prm, leaves, batch: _sizes(net, prm, leaves, batch, normalized))
+  if key is not None:
+    if len(_CACHE) >= 8:
+      _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = net, measure
+  return net, measure
 
 
 def _sizes(net, params, given_leaves, x, normalized):

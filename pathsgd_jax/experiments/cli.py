@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     if args.command == "lr":
       from pathsgd_jax.experiments import lr  # pylint: disable=g-import-not-at-top
-      lr.run_lr(lr.config_from_args(args), log=_log_fn(args.quiet))
+      lr.run_lr(lr.config_from_args(args), log=_log_fn(args.quiet), merge=args.merge)
       return 0
     if args.command == "ddp":
       from pathsgd_jax.experiments import ddp  # pylint: disable=g-import-not-at-top

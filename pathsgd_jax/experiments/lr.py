@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import time
@@ -42,7 +43,7 @@ import pathsgd_jax as psgd
 from pathsgd_jax._learning_rate import DEFAULT_TARGET
 from pathsgd_jax.experiments import common, gallery
 
-GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5)
+GRID = (1.0, 0.1, 0.01, 1e-3, 1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,14 +233,29 @@ def plot_lr(results: dict):
   return fig
 
 
-def run_lr(cfg: LrConfig, log=print) -> dict:
+def run_lr(cfg: LrConfig, log=print, merge: Sequence[str] = ()) -> dict:
+  """Runs the study, or with ``merge`` joins the results.json of runs split by --models."""
   t0 = time.perf_counter()
-  data = psgd.data.load("mnist5k")
-  x, y = np.asarray(data.x_train[:cfg.n_train]), np.asarray(data.y_train[:cfg.n_train])
-  results = {"config": dataclasses.asdict(cfg), "environment": common.environment(),
-             "models": [run_model(name, cfg, x, y, log=log) for name in cfg.models]}
+  if merge:
+    parts = [json.load(open(os.path.join(d, "results.json"), encoding="utf-8")) for d in merge]
+    configs = [{k: v for k, v in p["config"].items() if k not in ("models", "out")}
+               for p in parts]
+    if any(c != configs[0] for c in configs):
+      raise common.ConfigError("--merge: the runs were made with different options.")
+    results = {"config": {**parts[0]["config"], "out": cfg.out}, "merged_from": list(merge),
+               "environment": parts[0]["environment"],
+               "models": [m for p in parts for m in p["models"]]}
+    results["config"]["models"] = [m["model"] for m in results["models"]]
+    results["wall_time_s"] = sum(p["wall_time_s"] for p in parts)
+  else:
+    data = psgd.data.load("mnist5k")
+    x, y = np.asarray(data.x_train[:cfg.n_train]), np.asarray(data.y_train[:cfg.n_train])
+    results = {"config": dataclasses.asdict(cfg), "environment": common.environment(),
+               "models": [run_model(name, cfg, x, y, log=log) for name in cfg.models]}
+    results["wall_time_s"] = time.perf_counter() - t0
   results["summary"] = summary_rows(results)
-  results["wall_time_s"] = time.perf_counter() - t0
+  cfg = dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in results["config"].items()})
   os.makedirs(cfg.out, exist_ok=True)
   fig = plot_lr(results)
   fig.savefig(os.path.join(cfg.out, "lr.png"), dpi=150)
@@ -278,6 +294,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=d.seed)
   parser.add_argument("--out", default=d.out, help="output directory (default %(default)s)")
   parser.add_argument("--quiet", action="store_true", help="no per-run log lines")
+  parser.add_argument("--merge", nargs="+", default=(), metavar="DIR",
+                      help="join the results.json of runs made with the same options and "
+                           "different --models into --out (no training)")
 
 
 def config_from_args(args: argparse.Namespace) -> LrConfig:
@@ -295,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_arguments(parser)
   args = parser.parse_args(argv)
-  run_lr(config_from_args(args), log=(lambda *a: None) if args.quiet else print)
+  run_lr(config_from_args(args), log=(lambda *a: None) if args.quiet else print,
+         merge=args.merge)
   return 0
 
 
