@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   gsm.add_arguments(p)
   from pathsgd_jax.experiments import resnet  # pylint: disable=g-import-not-at-top
-  p = sub.add_parser("resnet", help="BatchNorm ResNet: SGD+m vs Path-SGD+m (train-mode BN) vs Adam",
+  p = sub.add_parser("resnet", help="BatchNorm ResNet: SGD+m, Path-SGD+m (train-mode BN), Adam",
                      description=resnet.__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   resnet.add_arguments(p)

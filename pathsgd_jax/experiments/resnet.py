@@ -64,8 +64,8 @@ LABELS = {"sgd-momentum": "SGD + momentum", "path-sgd-momentum": "Path-SGD + mom
           "path-sgd-momentum-trust": "Path-SGD + momentum, trust region", "adam": "Adam"}
 COLORS = {"sgd-momentum": "tab:blue", "path-sgd-momentum": "tab:orange",
           "path-sgd-momentum-trust": "tab:red", "adam": "tab:purple"}
-DEFAULT_GRIDS = {"sgd-momentum": (0.3, 0.1, 0.03), "path-sgd-momentum": (0.1, 0.03, 0.01),
-                 "path-sgd-momentum-trust": (0.1, 0.03, 0.01), "adam": (0.01, 0.003, 0.001)}
+DEFAULT_GRIDS = {"sgd-momentum": (1.0, 0.3, 0.1), "path-sgd-momentum": (1.0, 0.1, 0.01),
+                 "path-sgd-momentum-trust": (3.0, 1.0, 0.3), "adam": (0.01, 0.003, 0.001)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,10 @@ class ResNetConfig:
 
   dataset: str = "mnist5k"
   data_dir: str | None = None
-  downsample: int = 2  # Average-pool the images by this factor (28x28 -> 14x14).
+  downsample: int = 4  # Average-pool the images by this factor (28x28 -> 7x7).
   stage_features: tuple[int, ...] = (8, 16, 32)
   blocks_per_stage: int = 1
-  epochs: int = 8
+  epochs: int = 6
   batch_size: int = 100
   optimizers: tuple[str, ...] = OPTIMIZERS
   inits: tuple[str, ...] = INITS
@@ -162,50 +162,64 @@ def _get(tree, path):
   return tree
 
 
-def unbalance(key: jax.Array, variables: dict, *, fraction: float = 0.25,
-              factor: float = 10.0) -> tuple[dict, dict]:
-  """The rescaled copy of ``variables`` described in the module docstring (same function).
-
-  Returns ``(variables, counts)`` with the number of channels of each kind whose factor is
-  not 1.
-  """
-  params = jax.tree.map(jnp.asarray, dict(variables["params"]))
-  params = jax.tree.map(lambda a: a, params)  # A fresh nested dict.
-  stats = jax.tree.map(lambda a: a, dict(variables["batch_stats"]))
+def sample_scales(key: jax.Array, params: dict, *, fraction: float = 0.25,
+                  factor: float = 10.0) -> dict[str, dict]:
+  """Random power-of-two factors: ``{"absorbed": {conv path: a}, "compensated": {block: b}}``
+  (a per output channel of every convolution, b per channel of every block's ``bn1``)."""
   pairs, blocks = _convs_and_norms(params)
   key_a, key_b = jax.random.split(key)
-  sizes_a = [_get(params, conv)["kernel"].shape[-1] for conv, _ in pairs]
-  sizes_b = [_get(params, blk)["bn1"]["scale"].shape[0] for blk in blocks]
-  scales_a = psgd.init.sample_unbalanced_scales(key_a, sizes_a, fraction=fraction,
-                                                factor=factor, power_of_two=True)
-  scales_b = psgd.init.sample_unbalanced_scales(key_b, sizes_b, fraction=fraction,
-                                                factor=factor, power_of_two=True)
-  for (conv, norm), a in zip(pairs, scales_a):  # absorbed by the BatchNorm
-    layer, running = _get(params, conv), _get(stats, norm)
+  scales_a = psgd.init.sample_unbalanced_scales(
+      key_a, [_get(params, conv)["kernel"].shape[-1] for conv, _ in pairs], fraction=fraction,
+      factor=factor, power_of_two=True)
+  scales_b = psgd.init.sample_unbalanced_scales(
+      key_b, [_get(params, blk)["bn1"]["scale"].shape[0] for blk in blocks],
+      fraction=fraction, factor=factor, power_of_two=True)
+  return {"absorbed": dict(zip((conv for conv, _ in pairs), scales_a)),
+          "compensated": dict(zip(blocks, scales_b))}
+
+
+def rescale(variables: dict, scales: dict[str, dict]) -> dict:
+  """Applies :func:`sample_scales`' factors (see the module docstring); ``batch_stats`` may be
+  omitted (then only ``params`` are mapped, e.g. to map an update)."""
+  copy = lambda tree: jax.tree.map(lambda a: a, dict(tree))  # noqa: E731  (fresh dicts)
+  params, stats = copy(variables["params"]), copy(variables.get("batch_stats", {}))
+  pairs = dict(_convs_and_norms(params)[0])
+  for conv, a in scales["absorbed"].items():  # absorbed by the BatchNorm after the conv
+    layer = _get(params, conv)
     layer["kernel"] = layer["kernel"] * a[None, None, None, :]
-    running["mean"] = running["mean"] * a
-    running["var"] = running["var"] * (a * a)
-  for blk, b in zip(blocks, scales_b):  # node rescaling after bn1, undone by conv2
+    if stats:
+      running = _get(stats, pairs[conv])
+      running["mean"] = running["mean"] * a
+      running["var"] = running["var"] * (a * a)
+  for blk, b in scales["compensated"].items():  # node rescaling after bn1, undone by conv2
     block = _get(params, blk)
     block["bn1"] = {"scale": block["bn1"]["scale"] * b, "bias": block["bn1"]["bias"] * b}
     block["conv2"]["kernel"] = block["conv2"]["kernel"] / b[None, None, :, None]
-  counts = {"absorbed": int(sum(int(jnp.sum(a != 1)) for a in scales_a)),
-            "absorbed_total": int(sum(sizes_a)),
-            "compensated": int(sum(int(jnp.sum(b != 1)) for b in scales_b)),
-            "compensated_total": int(sum(sizes_b))}
-  return {"params": params, "batch_stats": stats}, counts
+  return {"params": params, "batch_stats": stats} if stats else {"params": params}
+
+
+def unbalance(key: jax.Array, variables: dict, *, fraction: float = 0.25,
+              factor: float = 10.0) -> tuple[dict, dict]:
+  """The rescaled copy of ``variables`` (the same function), the number of channels of each
+  kind whose factor is not 1, and the factors (:func:`sample_scales`)."""
+  scales = sample_scales(key, variables["params"], fraction=fraction, factor=factor)
+  counts = {}
+  for kind, by_path in scales.items():
+    counts[kind] = int(sum(int(jnp.sum(v != 1)) for v in by_path.values()))
+    counts[kind + "_total"] = int(sum(v.size for v in by_path.values()))
+  return rescale(variables, scales), counts, scales
 
 
 def starts(cfg: ResNetConfig, model, example: jax.Array) -> tuple[dict[str, dict], dict]:
-  """``{init: variables}`` for the configured starts, and the rescaling counts."""
+  """``{init: variables}`` for the configured starts, the rescaling counts and factors."""
   key_init, key_unbal = jax.random.split(jax.random.key(cfg.seed))
   balanced = model.init(key_init, example[:2])
   balanced = {"params": balanced["params"], "batch_stats": balanced["batch_stats"]}
-  out, counts = {"balanced": balanced}, {}
+  out, counts, scales = {"balanced": balanced}, {}, None
   if "unbalanced" in cfg.inits:
-    out["unbalanced"], counts = unbalance(key_unbal, balanced, fraction=cfg.unbalance_fraction,
-                                          factor=cfg.unbalance_factor)
-  return out, counts
+    out["unbalanced"], counts, scales = unbalance(
+        key_unbal, balanced, fraction=cfg.unbalance_fraction, factor=cfg.unbalance_factor)
+  return out, counts, scales
 
 
 def function_gap(model, a: dict, b: dict, x: jax.Array) -> dict[str, float]:
@@ -278,7 +292,7 @@ def run_resnet(cfg: ResNetConfig, log=print) -> dict:
   model = models.resnet(cfg.stage_features, cfg.blocks_per_stage, info["num_classes"])
   x_train, y_train = jnp.asarray(splits["train"][0]), jnp.asarray(splits["train"][1])
   example = x_train[:cfg.batch_size]
-  inits, counts = starts(cfg, model, example)
+  inits, counts, scales = starts(cfg, model, example)
   gap = (function_gap(model, inits["balanced"], inits["unbalanced"], example)
          if "unbalanced" in inits else None)
   n_params = sum(int(v.size) for v in jax.tree.leaves(inits["balanced"]["params"]))
@@ -303,7 +317,7 @@ def run_resnet(cfg: ResNetConfig, log=print) -> dict:
                         "out), evaluation mode (running averages), end of each epoch",
           "train_loss_running": "mean train-mode mini-batch loss of the epoch",
           "errors": "fraction of misclassified examples, evaluation mode"},
-      "environment": common.environment(), "runs": []}
+      "trajectory_equivariance": {}, "environment": common.environment(), "runs": []}
   log(f"[resnet] {info['name']}: {info['n_train']} train / {info['n_val']} validation / "
       f"{info['n_test']} test images {info['image_shape']}, ResNet {cfg.stage_features} x "
       f"{cfg.blocks_per_stage} ({n_params} parameters), batch {cfg.batch_size}, "
@@ -324,6 +338,9 @@ def run_resnet(cfg: ResNetConfig, log=print) -> dict:
           chunk_fn = chunk_fn.lower(variables, opt_state, jnp.float32(lr), key, x_train,
                                     y_train, idx, jnp.zeros((chunk,), jnp.int32)).compile()
           compile_time = time.perf_counter() - t0
+          if scales is not None:
+            results["trajectory_equivariance"][opt_name] = equivariance_gap(
+                chunk_fn, tx, inits, scales, lr, key, x_train, y_train, cfg, chunk)
         run = training.train_run(
             chunk_fn=chunk_fn, evaluate=evaluate, params=variables, opt_state=opt_state,
             lr=lr, x_train=x_train, y_train=y_train, evals=evals, epochs=cfg.epochs,
@@ -360,6 +377,24 @@ def run_resnet(cfg: ResNetConfig, log=print) -> dict:
   log("\n" + results["table"] + f"\n\nTotal wall time {results['wall_time_s']:.0f}s; wrote "
       f"{os.path.join(cfg.out, 'results.json')} and {os.path.join(cfg.out, 'resnet.png')}")
   return results
+
+
+def equivariance_gap(chunk_fn, tx, inits, scales, lr, key, x, y, cfg, chunk) -> dict:
+  """The first ``chunk`` steps from both starts: max over leaves of |R(θ_b) − θ_u| / |θ_u|
+  (R the rescaling map, norms per leaf): ~0 for an optimizer whose trajectory follows the
+  rescaling (Path-SGD, up to BatchNorm's ε), large for one whose does not."""
+  idx = training.epoch_order(int(x.shape[0]), cfg.batch_size, cfg.seed, 1)[:chunk]
+  steps = np.arange(chunk, dtype=np.int32)
+  after = {}
+  for name in ("balanced", "unbalanced"):
+    v = jax.tree.map(jnp.copy, inits[name])
+    after[name] = chunk_fn(v, tx.init(v["params"]), jnp.float32(lr), key, x, y, idx,
+                           steps)[0]["params"]
+  mapped = rescale({"params": after["balanced"]}, scales)["params"]
+  gaps = [float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in
+          zip(jax.tree.leaves(mapped), jax.tree.leaves(after["unbalanced"]))
+          if float(jnp.linalg.norm(b)) > 0]
+  return {"lr": lr, "steps": chunk, "max_relative_param_gap": max(gaps)}
 
 
 def start_agreement(results: dict) -> list[dict]:
