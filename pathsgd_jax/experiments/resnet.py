@@ -434,6 +434,7 @@ def format_table(results: dict) -> str:
 def plot_resnet(results: dict):
   """Training loss (log scale) and test error against epochs, one column per start."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
 
   inits = list(dict.fromkeys(r["init"] for r in results["runs"]))
   fig = Figure(figsize=(4.2 * len(inits) + 0.4, 6.2), layout="constrained")
@@ -456,6 +457,7 @@ def plot_resnet(results: dict):
     axes[0, c].legend(fontsize=7)
     for ax in axes[:, c]:
       ax.grid(True, which="both", alpha=0.3)
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   for row in range(2):
     lims = [ax.get_ylim() for ax in axes[row]]
     for ax in axes[row]:
