@@ -367,7 +367,8 @@ def config_from_args(args: argparse.Namespace) -> NPKConfig:
   return NPKConfig(
       datasets=tuple(args.dataset), data_dir=args.data_dir, archs=tuple(args.archs),
       variants=tuple(args.variants), width=args.width, depth=args.depth,
-      channels=tuple(args.channels), cnn_input_pool=args.cnn_input_pool, epochs=args.epochs, batch_size=args.batch_size,
+      channels=tuple(args.channels), cnn_input_pool=args.cnn_input_pool, epochs=args.epochs,
+      batch_size=args.batch_size,
       lr_grid=tuple(args.lr_grid), momentum=args.momentum, beta=args.beta,
       epsilon=args.epsilon, kernel_examples=args.kernel_examples,
       train_subset=args.train_subset, test_subset=args.test_subset, seed=args.seed,
