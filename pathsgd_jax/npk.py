@@ -276,6 +276,7 @@ def _affine_maps(prep: _Prepared, real: bool):
         "neural_path_features/neural_path_value do not enumerate the paths of networks with "
         "max pooling (its gates sit on edges); neural_path_kernel supports them.")
   structs = jax.tree.leaves(net.input_struct)
+
   def site_shapes():
     found = {}
 
