@@ -215,20 +215,21 @@ def plot_lr(results: dict):
 
   fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
   for m in results["models"]:
-    pts = sorted((r["lr"] / m["suggested_lr"], r["loss_after"] / m["loss_before"])
+    pts = sorted((r["lr"] / m["suggested_lr"], min(r["loss_after"] / m["loss_before"], 1.25))
                  for r in m["runs"] if r["optimizer"] == "path-sgd" and not r["diverged"])
     line, = ax.plot(*zip(*pts), marker="o", ms=3, label=m["model"])
     rule = next(r for r in m["runs"] if r["rule"])
     if not rule["diverged"]:
-      ax.plot([1.0], [rule["loss_after"] / m["loss_before"]], marker="*", ms=11,
+      ax.plot([1.0], [min(rule["loss_after"] / m["loss_before"], 1.25)], marker="*", ms=11,
               color=line.get_color())
   ax.axvline(1.0, color="0.6", lw=0.8, ls="--")
   ax.set_xscale("log")
+  ax.set_ylim(0, 1.3)  # ratios above 1.25 (blown-up losses) are drawn at 1.25
   ax.set_xlabel("η / η_suggested")
   ax.set_ylabel("loss after / loss before")
   cfg = results["config"]
   ax.set_title(f"Path-SGD, {cfg['steps']} steps, momentum {cfg['momentum']}, target "
-               f"{cfg['target']} (★ = suggested η; diverged runs left out)", fontsize=9)
+               f"{cfg['target']} (★ = suggested η; ratios > 1.25 drawn at 1.25)", fontsize=9)
   ax.legend(fontsize=7)
   return fig
 
