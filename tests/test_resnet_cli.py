@@ -17,7 +17,7 @@ EPOCHS = 2
 def resnet_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("resnet")
     argv = ["resnet", "--train-subset", "200", "--test-subset", "50", "--epochs", str(EPOCHS),
-            "--batch-size", "50", "--downsample", "4", "--stage-features", "4", "8",
+            "--batch-size", "50", "--downsample", "4", "--stage-features", "4",
             "--optimizers", *OPTIMIZERS, "--lr-grids", "sgd-momentum=0.3,0.03",
             "path-sgd-momentum-trust=0.03", "--out", str(out), "--quiet"]
     code = cli.main(argv)
@@ -70,7 +70,7 @@ def test_path_sgd_follows_the_same_run_from_both_starts(resnet_run):
 
 
 def _start(epsilon):
-    """The smoke run's network (same shapes: eager ops are compiled once), with non-zero last
+    """A two-stage version of the smoke run's network (with a projection shortcut), non-zero last
     scales and shifts so that every leaf and the compensated rescaling matter."""
     model = models.resnet((4, 8), bn_epsilon=epsilon)
     x = jax.random.uniform(jax.random.key(10), (50, 7, 7, 1))

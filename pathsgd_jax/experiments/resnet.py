@@ -461,7 +461,7 @@ def plot_resnet(results: dict):
   for row in range(2):
     lims = [ax.get_ylim() for ax in axes[row]]
     for ax in axes[row]:
-      ax.set_ylim(min(l[0] for l in lims), max(l[1] for l in lims))
+      ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
   cfg, info = results["config"], results["dataset"]
   fig.suptitle(f"BatchNorm ResNet {tuple(cfg['stage_features'])} on {info['name']} "
                f"{info['image_shape'][0]}x{info['image_shape'][1]}, batch {cfg['batch_size']}, "
