@@ -178,7 +178,8 @@ def _record(jaxpr, consts, args, sites, prefix=()):
   """
   env = dict(zip(jaxpr.constvars, consts, strict=True))
   env.update(zip(jaxpr.invars, args, strict=True))
-  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+  def read(v):
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
   depth = len(prefix)
   opened = {k[depth] for k in sites if len(k) > depth + 1 and k[:depth] == prefix}
   found = {}
@@ -453,7 +454,8 @@ def _ddp_normalize(z, kernel, bias, stats, *, alpha, centered, epsilon):
   if bias is not None:
     path = path + jnp.square(bias)
   gamma2 = alpha * data + (1 - alpha) * path
-  row = lambda v: jnp.reshape(v, (1,) * (z.ndim - 1) + (-1,))
+  def row(v):
+    return jnp.reshape(v, (1,) * (z.ndim - 1) + (-1,))
   return ((z - row(mean)) if centered else z) * row(lax.rsqrt(gamma2 + epsilon))
 
 

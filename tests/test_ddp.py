@@ -64,7 +64,8 @@ def numpy_ddp_kappa(params, x, alpha):
     out = []
     for k, (w, b) in enumerate(layers):
         level = k + 1
-        kw = (1 - alpha) * np.outer(gamma2[k], beta[level]) + alpha * (hs[k] ** 2).T @ s[level] / len(x)
+        kw = ((1 - alpha) * np.outer(gamma2[k], beta[level])
+              + alpha * (hs[k] ** 2).T @ s[level] / len(x))
         kb = None if b is None else (1 - alpha) * beta[level] + alpha * s[level].mean(0)
         out.append((kw, kb))
     return mz.mlp_kappa_tree(out)
@@ -84,7 +85,8 @@ def complexity(params, x, alpha):
 
 def half_hessian_diagonal(params, x, alpha):
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    f = lambda v: complexity(unravel(v), x, alpha)
+    def f(v):
+        return complexity(unravel(v), x, alpha)
     grad = jax.grad(f)
     eye = jnp.eye(flat.size, dtype=flat.dtype)
     diag = jax.jit(jax.vmap(lambda e: jnp.vdot(e, jax.jvp(grad, (flat,), (e,))[1])))(eye)
@@ -161,7 +163,8 @@ def test_alpha_zero_is_path_sgd(net):
 
 def _trajectories(tx, starts, xs, ys, apply_fn, use_inputs=True):
     """Outputs on xs[0] after each step, from each start (one compiled step for all)."""
-    loss = lambda p, x, y: jnp.mean((apply_fn(p, x) - y) ** 2)
+    def loss(p, x, y):
+        return jnp.mean((apply_fn(p, x) - y) ** 2)
 
     @jax.jit
     def step(params, state, x, y):
@@ -326,8 +329,9 @@ def test_ddp_normalization_linen_nnx_batchnorm_and_invariance():
     np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-5)
     for alpha in (0.0, 0.5, 1.0):
         layer = psgd.ddp.DDPDense(5, alpha=alpha, epsilon=0.0)
-        run = lambda p: layer.apply({**variables, "params": p}, x, use_running_average=False,
-                                    mutable=["batch_stats"])[0]
+        def run(p):
+            return layer.apply({**variables, "params": p}, x, use_running_average=False,
+                                            mutable=["batch_stats"])[0]
         c = jnp.asarray([0.1, 1.0, 7.0, 2.0, 0.5])
         scaled = {"kernel": params["kernel"] * c[None], "bias": params["bias"] * c}
         np.testing.assert_allclose(run(params), run(scaled), rtol=1e-5, atol=1e-6)

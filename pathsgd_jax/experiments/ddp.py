@@ -25,7 +25,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
@@ -88,8 +87,8 @@ def _bn_start(balanced, unbalanced):
                / jnp.linalg.norm(balanced[k]["w"], axis=0))
       layer = {"w": layer["w"] * ratio[None], "b": layer["b"] * ratio}
     layers.append(layer)
-  norms = [{"scale": jnp.ones_like(l["b"]), "shift": jnp.zeros_like(l["b"])}
-           for l in balanced[:-1]]
+  norms = [{"scale": jnp.ones_like(layer["b"]), "shift": jnp.zeros_like(layer["b"])}
+           for layer in balanced[:-1]]
   return {"layers": layers, "bn": norms}
 
 
