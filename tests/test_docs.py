@@ -62,6 +62,8 @@ README_API = {
     "nnx.apply_fn": pathsgd_jax.nnx.apply_fn,
     "balanced_init": pathsgd_jax.balanced_init,
     "unbalanced_init": pathsgd_jax.unbalanced_init,
+    "suggest_learning_rate": pathsgd_jax.suggest_learning_rate,
+    "relative_step": pathsgd_jax.relative_step,
 }
 NO_OWN_EXAMPLE: set[str] = set()
 
