@@ -184,7 +184,7 @@ _CACHE: dict = {}  # (apply_fn, shapes, p, normalized) -> (PathNetwork, jitted m
 def _compiled(apply_fn, params, x, p, mask, normalized):
   """The path network and the jitted measure, reused for the same function and shapes (a
   mask, which may be any tree or callable, is never cached)."""
-  shapes = lambda tree: (jax.tree.structure(tree),
+  shapes = lambda tree: (jax.tree.structure(tree),  # noqa: E731
                          tuple((np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)))
   key = None
   if mask is None:

@@ -91,7 +91,7 @@ def test_invariant_under_node_rescalings():
     a, b = (psgd.suggest_learning_rate(mz.mlp_apply, prm, grads, x)
             for prm, grads in ((params, g), (rescaled, g_rescaled)))
     np.testing.assert_allclose(a, b, rtol=1e-5)
-    norm = lambda t: float(optax.tree.norm(t))
+    norm = lambda t: float(optax.tree.norm(t))  # noqa: E731
     assert abs(norm(g) / norm(g_rescaled) - 1) > 0.1  # the test has teeth
     # relative_step of corresponding steps (Δ scales like w) agrees too.
     step = _random_tree(params, 4)
@@ -107,7 +107,7 @@ def test_bad_arguments_raise_with_the_fix():
     params = _mlp(dead_unit=False)
     x = jnp.ones((2, WIDTHS[0]))
     grads = _random_tree(params, 0)
-    suggest = lambda **kw: psgd.suggest_learning_rate(
+    suggest = lambda **kw: psgd.suggest_learning_rate(  # noqa: E731
         kw.pop("fn", mz.mlp_apply), kw.pop("params", params), kw.pop("grads", grads), x, **kw)
     for target in (0.0, -1.0, float("nan"), float("inf"), "0.1", True):
         with pytest.raises(ValueError, match="target"):

@@ -69,7 +69,7 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, **kw)
+    norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, **kw)  # noqa: E731
     h = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False)(x)
     h = nn.relu(norm()(h))
     h = nn.Conv(self.features, (3, 3), use_bias=False)(h)
@@ -115,7 +115,7 @@ def _mlp(name, key, x, width, depth, unbalanced):
   if unbalanced:  # the paper's unbalanced start, factors rounded to powers of two
     params = init_lib.unbalanced_init(k_unbal, params, power_of_two=True)
   fn = models.mlp_forward
-  loss = lambda prm, aux, xb, yb: (cross_entropy(fn(prm, xb), yb), aux)
+  loss = lambda prm, aux, xb, yb: (cross_entropy(fn(prm, xb), yb), aux)  # noqa: E731
   start = "unbalanced" if unbalanced else "balanced"
   return Problem(name, f"paper MLP {'-'.join(map(str, sizes))}, {start}", params, None, fn,
                  loss, lambda prm, aux, xb, yb: loss(prm, aux, xb, yb)[0], "flat")
@@ -125,7 +125,7 @@ def _linen_cnn(name, key, x):
   model = MnistCNN()
   params = model.init(key, x[:2])["params"]
   fn = psgd.linen.apply_fn(model)
-  loss = lambda prm, aux, xb, yb: (cross_entropy(fn(prm, xb), yb), aux)
+  loss = lambda prm, aux, xb, yb: (cross_entropy(fn(prm, xb), yb), aux)  # noqa: E731
   return Problem(name, "Flax MNIST-example CNN (Linen)", params, None, fn, loss,
                  lambda prm, aux, xb, yb: loss(prm, aux, xb, yb)[0], "nhwc")
 
