@@ -14,6 +14,8 @@ this module instead of a second interpreter:
   equation, opening only the calls that contain a site; at each site it calls
   ``hook(site, invals)``, which returns the site's outputs (to replace them) or ``None`` (to
   compute them normally). It composes with ``jit``, ``vmap`` and autodiff.
+* `translate(sites, source, target)` gives the same sites in another trace of the program
+  (another batch size), by position, so that a run at batch 1 and one on the batch agree.
 
 ReLUs inside ``lax.scan`` or ``lax.cond`` bodies are not sites: `find_sites` raises for ReLUs
 in a scan and `evaluate` checks that every site was reached.
@@ -63,8 +65,10 @@ def site_key(interp: PathInterpreter, eqn) -> tuple[int, ...]:
 class _SiteFinder(PathInterpreter):
   """A shape-only path-network run that notes where the ReLUs and max poolings are."""
 
-  def __init__(self, dtype, leaf_names, collect_errors: bool):
-    super().__init__(1.0, dtype, leaf_names)
+  def __init__(self, dtype, leaf_names, collect_errors: bool, p: float = 1.0,
+               gates_only: bool = True):
+    super().__init__(p, dtype, leaf_names)
+    self.gates_only = gates_only  # False: leaky ReLUs are sites too (their slope is read)
     self.sites: dict[tuple[int, ...], Site] = {}
     self._invals: list[_Val] = []
     if collect_errors:
@@ -78,7 +82,8 @@ class _SiteFinder(PathInterpreter):
     return super()._eqn(eqn, invals)
 
   def _sign_select(self, eqn, invals):
-    if eqn.primitive.name == "select_n" and not any(c.kind == Kind.CONST for c in invals[1:]):
+    if (self.gates_only and eqn.primitive.name == "select_n"
+        and not any(c.kind == Kind.CONST for c in invals[1:])):
       raise NotGateableError(
           f"A leaky ReLU (`select_n` at {self.where(eqn)}) has gates other than 0 and 1; "
           "neural path features, the neural path kernel and gated networks are defined here "
@@ -122,6 +127,33 @@ def find_sites(jaxpr: jex_core.ClosedJaxpr, kinds: Sequence[Kind], dtype=jnp.flo
 
   jax.eval_shape(run, structs)
   return list(finder.sites.values())
+
+
+def translate(sites: Sequence[Site], source: jex_core.ClosedJaxpr,
+              target: jex_core.ClosedJaxpr) -> list[Site] | None:
+  """``sites`` of ``source`` at the same positions in ``target``: the same program traced at
+  other shapes (e.g. another batch size). None if ``target`` differs there (another program).
+  """
+  tables: dict[int, dict[int, int]] = {}
+
+  def index(jaxpr, eqn_id):
+    table = tables.get(id(jaxpr))
+    if table is None:
+      table = tables[id(jaxpr)] = {id(e): i for i, e in enumerate(jaxpr.eqns)}
+    return table[eqn_id]
+
+  out = []
+  for site in sites:
+    src, dst, key = source.jaxpr, target.jaxpr, []
+    for depth, eqn_id in enumerate(site.key):
+      i = index(src, eqn_id)
+      if i >= len(dst.eqns) or dst.eqns[i].primitive != src.eqns[i].primitive:
+        return None
+      key.append(id(dst.eqns[i]))
+      if depth + 1 < len(site.key):
+        src, dst = subjaxpr(src.eqns[i])[0], subjaxpr(dst.eqns[i])[0]
+    out.append(Site(tuple(key), dst.eqns[i], site.operand, site.kind))
+  return out
 
 
 def _bind(eqn, invals):

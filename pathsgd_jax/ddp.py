@@ -81,10 +81,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.extend import core as jex_core
 
+from pathsgd_jax import _recorder
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
-from pathsgd_jax._interpreter import PathInterpreter, subjaxpr
+from pathsgd_jax._interpreter import PathInterpreter
 from pathsgd_jax._numerics import times_pow2
 from pathsgd_jax._pathnet import PathNetwork
 from pathsgd_jax._scales import ApplyFn, _log_mantissa
@@ -99,55 +99,55 @@ _NO_INPUTS = (
     "(nnx: `optimizer.update(model, grads, inputs=x)`).")
 
 
-class _DDPInterpreter(PathInterpreter):
-  """The path network with a data-dependent rule at every ReLU (see the module docstring).
+class _DDPSiteFinder(_recorder._SiteFinder):  # pylint: disable=protected-access
+  """The ReLU sites of a DDP network (leaky ReLUs included: DDP reads their slope).
 
-  Modes: ``"find"`` records the ReLU sites (their index path in the jaxpr and which operand
-  is the pre-activation); ``"complexity"`` replaces the path value P_v of a unit by
-  (1−α)·P_v + α·E_B[z_v²] + ε_v (ε = 0, differentiated for β); ``"gated"`` (on the batch)
-  gives a unit the value h_v² forward and the slope g_v² backward, and injects β_v·Y_v.
+  A ReLU inside ``lax.scan`` or a ``lax.cond`` branch is rejected: its data statistics are
+  not those of one unit of a feed-forward network.
   """
 
-  def __init__(self, *args, top, mode, alpha=0.0, data=None, eps=None, beta=None, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.top, self.mode, self.alpha = top, mode, alpha
-    self.data, self.eps, self.beta = data, eps, beta
-    self.sites: dict[tuple, int] = {}
-    self.injected = jnp.zeros((), self.dtype)
-    self._tables: dict[int, dict[int, int]] = {}
-    self._invals = ()
+  def __init__(self, dtype, leaf_names, p):
+    super().__init__(dtype, leaf_names, False, p=p, gates_only=False)
+    self._cond_depth = 0
 
-  def eqn(self, eqn, invals):
-    self._invals = invals
-    return super().eqn(eqn, invals)
+  def _cond(self, eqn, invals):
+    self._cond_depth += 1
+    try:
+      return super()._cond(eqn, invals)
+    finally:
+      self._cond_depth -= 1
 
-  def _index(self, jaxpr, eqn) -> int:
-    table = self._tables.get(id(jaxpr))
-    if table is None:
-      table = self._tables[id(jaxpr)] = {id(e): i for i, e in enumerate(jaxpr.eqns)}
-    if id(eqn) not in table:
-      raise UnsupportedOperationError(
-          f"DDP-SGD cannot locate the ReLU at {self.where(eqn)} in the real network (it is "
-          "inside a lax.cond branch): keep ReLUs of a DDP network outside control flow.")
-    return table[id(eqn)]
-
-  def site(self, eqn) -> tuple[int, ...]:
+  def activation(self, eqn, val, role):
     if self.loop_depth:
       raise UnsupportedOperationError(
           f"DDP-SGD does not support a ReLU inside a lax.scan (at {self.where(eqn)}): its "
           "data statistics are per unit of a feed-forward network. Use path_sgd for RNNs.")
-    jaxpr, path = self.top, []
-    for caller in self.callers:
-      path.append(self._index(jaxpr, caller))
-      jaxpr = subjaxpr(caller)[0]
-    return (*path, self._index(jaxpr, eqn))
+    if self._cond_depth:
+      raise UnsupportedOperationError(
+          f"DDP-SGD cannot locate the ReLU at {self.where(eqn)} in the real network (it is "
+          "inside a lax.cond branch): keep ReLUs of a DDP network outside control flow.")
+    return super().activation(eqn, val, role)
+
+
+class _DDPInterpreter(PathInterpreter):
+  """The path network with a data-dependent rule at every ReLU (see the module docstring).
+
+  ``keys`` maps the `_recorder.site_key` of each ReLU of the jaxpr being run to the key
+  that ``data``, ``eps`` and ``beta`` use (those of the batch-1 trace). Modes:
+  ``"complexity"`` replaces the path value P_v of a unit by (1−α)·P_v + α·E_B[z_v²] + ε_v
+  (ε = 0, differentiated for β); ``"gated"`` (on the batch) gives a unit the value h_v²
+  forward and the slope g_v² backward, and injects β_v·Y_v.
+  """
+
+  def __init__(self, *args, keys, mode, alpha=0.0, data=None, eps=None, beta=None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.keys, self.mode, self.alpha = keys, mode, alpha
+    self.data, self.eps, self.beta = data, eps, beta
+    self.injected = jnp.zeros((), self.dtype)
 
   def activation(self, eqn, val, role):
-    key = self.site(eqn)
-    if self.mode == "find":
-      self.sites[key] = next(i for i, v in enumerate(self._invals) if v is val)
-      return super().activation(eqn, val, role)
-    if key not in self.data:
+    key = self.keys.get(_recorder.site_key(self, eqn))
+    if key is None:
       raise PathNetworkError("apply_fn traces to a different program at the batch size of "
                              "`inputs`; DDP-SGD cannot match its ReLUs.")
     self.note(eqn, "relu (ddp)", val.value, [])
@@ -164,38 +164,19 @@ class _DDPInterpreter(PathInterpreter):
     return dataclasses.replace(val, value=value, log_scale=log_scale)
 
 
-def _bind(eqn, invals):
-  bind_params = eqn.primitive.get_bind_params(eqn.params)
-  subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
-  outs = eqn.primitive.bind(*subfuns, *invals, **params)
-  return outs if eqn.primitive.multiple_results else [outs]
-
-
-def _record(jaxpr, consts, args, sites, prefix=()):
-  """Evaluates ``jaxpr`` on real values; returns {site: (pre-activation, output)}.
-
-  Opens only the calls that hold a site (the rest run as compiled primitives).
-  """
-  env = dict(zip(jaxpr.constvars, consts, strict=True))
-  env.update(zip(jaxpr.invars, args, strict=True))
-  def read(v):
-    return v.val if isinstance(v, jex_core.Literal) else env[v]
-  depth = len(prefix)
-  opened = {k[depth] for k in sites if len(k) > depth + 1 and k[:depth] == prefix}
+def _record(batched, args, sites, batched_sites):
+  """Runs the batched trace on real ``args``: {site key: (pre-activation, output)}, keyed
+  by the batch-1 ``sites`` whose positions ``batched_sites`` hold."""
+  source_key = {b.key: s.key for s, b in zip(sites, batched_sites)}
   found = {}
-  for index, eqn in enumerate(jaxpr.eqns):
-    invals = [read(v) for v in eqn.invars]
-    key = (*prefix, index)
-    if index in opened:
-      inner, inner_consts = subjaxpr(eqn)
-      outs, inner_found = _record(inner, inner_consts, invals, sites, key)
-      found.update(inner_found)
-    else:
-      outs = _bind(eqn, invals)
-      if key in sites:
-        found[key] = (invals[sites[key]], outs[0])
-    env.update(zip(eqn.outvars, outs))
-  return [read(v) for v in jaxpr.outvars], found
+
+  def hook(site, invals):
+    outs = _recorder._bind(site.eqn, invals)  # pylint: disable=protected-access
+    found[source_key[site.key]] = (invals[site.operand], outs[0])
+    return outs
+
+  _recorder.evaluate(batched, args, batched_sites, hook)
+  return found
 
 
 def _statistics(found, dtype):
@@ -235,22 +216,27 @@ def compute_ddp_scales(net: PathNetwork, params, inputs, alpha: float) -> list[j
   constants = [x for x, inc in zip(leaves, net.included) if not inc]
   dtype = net.dtype
   kwargs = dict(p=net.p, dtype=dtype, leaf_names=net.leaf_names)
-  finder = _DDPInterpreter(top=net.closed_jaxpr.jaxpr, mode="find", **kwargs)
+  finder = _DDPSiteFinder(dtype, net.leaf_names, net.p)
   jax.eval_shape(lambda w: net.path_sum(w, constants, finder, inputs=inputs)[0], weights)
+  sites = [s for s in finder.sites.values() if s.kind == "relu"]
   struct = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), inputs)
   batched = net._batched_trace(struct)  # pylint: disable=protected-access
-  if len(batched.jaxpr.eqns) != len(net.closed_jaxpr.jaxpr.eqns):
+  batched_sites = _recorder.translate(sites, net.closed_jaxpr, batched)
+  if (len(batched.jaxpr.eqns) != len(net.closed_jaxpr.jaxpr.eqns)
+      or batched_sites is None):
     raise PathNetworkError("apply_fn traces to a different program at the batch size of "
                            "`inputs`; DDP-SGD cannot match its ReLUs.")
-  _, found = _record(batched.jaxpr, batched.consts, leaves + input_leaves, finder.sites)
+  found = _record(batched, leaves + input_leaves, sites, batched_sites)
   data = _statistics(found, dtype)
+  own_keys = {s.key: s.key for s in sites}
+  batch_keys = {b.key: s.key for s, b in zip(sites, batched_sites)}
   kappa = [jnp.zeros(jnp.shape(w), dtype) for w in weights]
   beta = None
   if alpha < 1:
     eps = {key: jnp.zeros_like(d["second_moment"]) for key, d in data.items()}
 
     def log_mantissa(deltas, eps):
-      interp = _DDPInterpreter(top=net.closed_jaxpr.jaxpr, mode="complexity", alpha=alpha,
+      interp = _DDPInterpreter(keys=own_keys, mode="complexity", alpha=alpha,
                                data=data, eps=eps, **kwargs)
       return _log_mantissa(*net.path_sum(weights, constants, interp, deltas=deltas,
                                          inputs=inputs))
@@ -270,7 +256,7 @@ def compute_ddp_scales(net: PathNetwork, params, inputs, alpha: float) -> list[j
     batch = np.shape(input_leaves[0])[0]
 
     def injected_sum(deltas):
-      interp = _DDPInterpreter(top=batched.jaxpr, mode="gated", data=data, beta=beta,
+      interp = _DDPInterpreter(keys=batch_keys, mode="gated", data=data, beta=beta,
                                **kwargs)
       mantissa, exponent, _ = bnet.path_sum(
           weights, constants, interp, deltas=deltas, inputs=inputs,
