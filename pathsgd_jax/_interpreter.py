@@ -33,7 +33,7 @@ from jax.extend import core as jex_core
 
 from pathsgd_jax._diagnostics import _where, diagnose
 from pathsgd_jax._errors import UnsupportedOperationError
-from pathsgd_jax._numerics import _concrete, _shifted, binary_exponent, power, times_pow2
+from pathsgd_jax._numerics import _concrete, _shifted, normalised, power, times_pow2
 from pathsgd_jax._rules import KEEPS_NEURON_OPEN, RULES, _Out, broadcast_op
 from pathsgd_jax._values import Kind, Operation, _Val, memoised
 
@@ -197,8 +197,8 @@ class PathInterpreter:
     """
     if not np.size(value):
       return value, log_scale
-    exponent = lax.stop_gradient(binary_exponent(jnp.max(value)))
-    return times_pow2(value, -exponent), log_scale + exponent
+    value, exponent = normalised(value)
+    return value, log_scale + exponent
 
   def align(self, vals: Sequence[_Val], kind: Kind):
     """Brings the operands of a sum-like operation to one common base-2 log-scale ``m``.
@@ -276,8 +276,8 @@ class PathInterpreter:
       self.note(val.bias_at, role, value, [val.bias], "bias")
     elif self.record:
       self.note(val.bias_at, role, value, [])
-    value, log_scale = self.normalise(value, common)
-    return _Val(Kind.ACT, value, log_scale=log_scale, origin=val.origin)
+    # Not renormalised: what follows a neuron (a linear map, a sum) renormalises if needed.
+    return _Val(Kind.ACT, value, log_scale=common, origin=val.origin)
 
   def activation(self, eqn, val: _Val, role: str) -> _Val:
     """A ReLU (or leaky ReLU) acting on ``val``: the identity on path values.

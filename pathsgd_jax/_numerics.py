@@ -29,19 +29,19 @@ def _float_layout(dtype):
   return int(finfo.nmant), bias, (jnp.int64 if finfo.bits == 64 else jnp.int32)
 
 
-def binary_exponent(x) -> jax.Array:
-  """floor(log2(x)) of a positive finite scalar, read off its bits; 0 for 0, inf or NaN."""
-  nmant, bias, int_dtype = _float_layout(x.dtype)
-  field = (lax.bitcast_convert_type(x, int_dtype) >> nmant) & (2 * bias + 1)
-  exponent = jnp.maximum(field - bias, 1 - bias).astype(x.dtype)
-  return jnp.where((x > 0) & jnp.isfinite(x), exponent, jnp.zeros((), x.dtype))
-
-
 def _pow2(exponent, dtype) -> jax.Array:
-  """2^e, exactly, for an integer-valued e clipped to the normal range of ``dtype``."""
+  """2^e, exactly, for an integer-valued float e clipped to the normal range of ``dtype``."""
   nmant, bias, int_dtype = _float_layout(dtype)
-  e = jnp.clip(exponent, 1 - bias, bias).astype(int_dtype)
-  return lax.bitcast_convert_type((e + bias) << nmant, dtype)
+  e = lax.clamp(np.asarray(1 - bias, dtype), exponent, np.asarray(bias, dtype))
+  field = lax.convert_element_type(e, int_dtype) + np.asarray(bias, int_dtype)
+  return lax.bitcast_convert_type(lax.shift_left(field, np.asarray(nmant, int_dtype)), dtype)
+
+
+def _scaled(value, factor):
+  """value · factor for a scalar factor (lax only: this runs once per path-network operation)."""
+  if np.ndim(value) == 0:
+    return lax.mul(value, factor)
+  return lax.mul(value, lax.broadcast_in_dim(factor, np.shape(value), ()))
 
 
 def times_pow2(value, exponent) -> jax.Array:
@@ -51,11 +51,54 @@ def times_pow2(value, exponent) -> jax.Array:
   smaller underflows to zero for values below 2, as it should.
   """
   dtype = jnp.result_type(value)
+  value = jnp.asarray(value, dtype)
+  exponent = jnp.asarray(exponent, dtype)
+  if np.ndim(exponent):  # one exponent per entry (rare): broadcast arithmetic
+    _, bias, _ = _float_layout(dtype)
+    first = jnp.clip(exponent, 1 - bias, bias)
+    return value * _pow2(first, dtype) * _pow2(exponent - first, dtype)
+  _, bias, _ = _float_layout(dtype)
+  first = lax.clamp(np.asarray(1 - bias, dtype), exponent, np.asarray(bias, dtype))
+  return _scaled(_scaled(value, _pow2(first, dtype)), _pow2(lax.sub(exponent, first), dtype))
+
+
+def pow2_factors(exponent):
+  """The two scalar factors whose product is 2^exponent (see `times_pow2`), to reuse."""
+  dtype = jnp.result_type(exponent)
+  dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
   exponent = jnp.asarray(exponent, dtype)
   _, bias, _ = _float_layout(dtype)
-  first = jnp.clip(exponent, 1 - bias, bias)
-  return value * _pow2(first, dtype) * _pow2(exponent - first, dtype)
+  first = lax.clamp(np.asarray(1 - bias, dtype), exponent, np.asarray(bias, dtype))
+  return _pow2(first, dtype), _pow2(lax.sub(exponent, first), dtype)
 
+
+def times_factors(value, factors):
+  """value · 2^exponent, with the factors of `pow2_factors(exponent)`."""
+  first, second = (f if f.dtype == value.dtype else lax.convert_element_type(f, value.dtype)
+                   for f in factors)
+  return _scaled(_scaled(value, first), second)
+
+
+def normalised(value) -> tuple[jax.Array, jax.Array]:
+  """``(value · 2^-e, e)`` with e = floor(log2(max value)): the largest entry put in [1, 2).
+
+  The factor is read off the bits of the maximum in one step (its exponent field, reflected),
+  so it costs a reduction and a handful of scalar operations. It is a constant for autodiff.
+  An all-zero (or denormal-maximum) value, or a non-finite maximum, is left as is with e = 0;
+  a maximum at or above 2^127 (float32) lands in [2, 4).
+  """
+  dtype = jnp.result_type(value)
+  nmant, bias, int_dtype = _float_layout(dtype)
+  top = lax.stop_gradient(lax.reduce_max(value, tuple(range(np.ndim(value)))))
+  i = lambda c: np.asarray(c, int_dtype)
+  field = lax.bitcast_convert_type(top, int_dtype)
+  field = lax.bitwise_and(lax.shift_right_arithmetic(field, i(nmant)), i(2 * bias + 1))
+  # The biased exponent of 2^-e is 2·bias - field (field = e + bias), kept normal.
+  special = lax.bitwise_or(lax.eq(field, i(0)), lax.eq(field, i(2 * bias + 1)))
+  inverse = lax.select(special, i(bias), lax.max(lax.sub(i(2 * bias), field), i(1)))
+  scale = lax.bitcast_convert_type(lax.shift_left(inverse, i(nmant)), dtype)
+  exponent = lax.convert_element_type(lax.sub(i(bias), inverse), dtype)
+  return _scaled(value, scale), exponent
 
 
 @jax.custom_vjp
@@ -86,7 +129,7 @@ def power(x, p) -> jax.Array:
   if isinstance(p, float) and p == 1:
     return x
   if isinstance(p, float) and p == 2:
-    return x * x
+    return lax.mul(x, x) if isinstance(x, jax.Array) else x * x
   if isinstance(p, float) and p == 0.5:
     return jnp.sqrt(x)
   return x ** p
@@ -94,7 +137,8 @@ def power(x, p) -> jax.Array:
 
 def power_leaf(x, p, dtype) -> jax.Array:
   """|x|^p in ``dtype`` (float32 or float64 even for half-precision params)."""
-  return power(jnp.abs(x.astype(dtype)), p)
+  x = jnp.asarray(x)
+  return power(lax.abs(x if x.dtype == dtype else lax.convert_element_type(x, dtype)), p)
 
 
 def check_p(p):

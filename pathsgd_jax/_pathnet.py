@@ -122,8 +122,8 @@ class PathNetwork:
                        signed=lambda w=w: w))
     structs = jax.tree.leaves(self.input_struct)
     for struct, source in zip(structs, sources if sources is not None else [None] * len(structs)):
-      args.append(_Val(Kind.ACT, jnp.ones(struct.shape, self.dtype) if source is None
-                       else jnp.asarray(source, self.dtype)))
+      args.append(_Val(Kind.ACT, jnp.ones(struct.shape, self.dtype), bounded=True)
+                  if source is None else _Val(Kind.ACT, jnp.asarray(source, self.dtype)))
     jaxpr = self.closed_jaxpr
     outs = interp.run(jaxpr.jaxpr, [_Val(Kind.CONST, c) for c in jaxpr.consts], args)
     summed = []

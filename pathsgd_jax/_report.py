@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -174,6 +175,38 @@ class PathStructure:
     return "\n".join(lines)
 
 
+_REPORTS: collections.OrderedDict = collections.OrderedDict()
+_CACHED_REPORTS = 8
+
+
+def _compiled_report(net: PathNetwork):
+  """``(net, interpreter, evaluate)``: κ and φ_p of ``net`` as one compiled program.
+
+  The interpreter records the operations while ``evaluate`` is traced. Evaluated op by op, a
+  ResNet50 would compile a few hundred small programs instead. Reused for a network that
+  traces to the same program with the same constants (a second report of the same model).
+  """
+  jaxpr = net.closed_jaxpr
+  key = (str(jaxpr.jaxpr), tuple(id(c) for c in jaxpr.consts), net.p, tuple(net.included),
+         str(net.treedef),
+         str(net.input_struct), tuple(net._abstract_params))  # pylint: disable=protected-access
+  if key in _REPORTS:
+    _REPORTS.move_to_end(key)
+    return _REPORTS[key][1:]
+  interpreter = PathInterpreter(net.p, net.dtype, net.leaf_names, record=True)
+
+  def evaluate(params, example_input):
+    scales = compute_scales(net, params, normalize=False, interpreter=interpreter,
+                            inputs=example_input)
+    return scales.log_path_sum, scales.kappa, scales.unrepresentable
+
+  # The key holds the constants' ids: keeping them alive keeps the ids unique.
+  _REPORTS[key] = (jaxpr.consts, net, interpreter, jax.jit(evaluate))
+  while len(_REPORTS) > _CACHED_REPORTS:
+    _REPORTS.popitem(last=False)
+  return _REPORTS[key][1:]
+
+
 def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
                    mask=None, compact: bool = False) -> PathStructure:
   """Reports which leaves are path weights, the path network's operations and κ per leaf.
@@ -224,13 +257,12 @@ def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
     Operations on activations (4): 2 dense, 1 bias, 1 relu (identity)
   """
   net = PathNetwork(apply_fn, params, example_input, check_p(p), mask)
-  interpreter = PathInterpreter(net.p, net.dtype, net.leaf_names, record=True)
-  scales = compute_scales(net, params, normalize=False, interpreter=interpreter,
-                          inputs=example_input)
+  net, interpreter, evaluate = _compiled_report(net)
+  log_path_sum, kappas, unrepresentable = evaluate(params, example_input)
   leaves = net.treedef.flatten_up_to(params)
   reports = []
-  for i, (name, leaf, k, lost) in enumerate(zip(net.leaf_names, leaves, scales.kappa,
-                                                 scales.unrepresentable)):
+  for i, (name, leaf, k, lost) in enumerate(zip(net.leaf_names, leaves, kappas,
+                                                 unrepresentable)):
     if not net.included[i]:
       role = "excluded"
     else:
@@ -250,6 +282,6 @@ def path_structure(apply_fn: ApplyFn, params, example_input, *, p: float = 2.0,
     notes.append(f"{lost} κ entries do not fit {np.dtype(net.dtype).name} (the path norm is "
                  "out of range): their Path-SGD update is 0. Use normalize=True.")
   warnings = tuple(w for leaf in reports for w in _leaf_warnings(leaf))
-  return PathStructure(p=net.p, path_norm=float(np.exp(scales.log_path_sum / net.p)),
+  return PathStructure(p=net.p, path_norm=float(np.exp(log_path_sum / net.p)),
                        leaves=tuple(reports), operations=operations, notes=tuple(notes),
                        warnings=warnings, compact=compact)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -81,8 +82,19 @@ def broadcast_op(op, a, b):
   """``op(a, b)`` with explicit broadcasting and a common dtype (rank promotion may raise)."""
   shape = np.broadcast_shapes(np.shape(a), np.shape(b))
   dtype = jnp.result_type(a, b)
-  a, b = (jnp.broadcast_to(jnp.asarray(x, dtype), shape) for x in (a, b))
-  return op(a, b)
+  return op(_broadcast(a, shape, dtype), _broadcast(b, shape, dtype))
+
+
+def _broadcast(x, shape, dtype):
+  """x as an array of ``shape`` and ``dtype`` (lax only: this runs for most operations)."""
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x, dtype)
+  elif x.dtype != dtype:
+    x = lax.convert_element_type(x, dtype)
+  if np.shape(x) == shape:
+    return x
+  rank = len(shape) - np.ndim(x)
+  return lax.broadcast_in_dim(x, shape, tuple(range(rank, len(shape))))
 
 
 class _Out:
@@ -95,7 +107,7 @@ class _Out:
     self.act = [v for v in invals if v.kind == Kind.ACT]
 
   def __call__(self, value, role=None, param_role=None, log_scale=None, renormalise=False,
-               exact=None, keeps_origin=False):
+               exact=None, keeps_origin=False, bounded=False):
     interp, eqn = self.interp, self.eqn
     values = value if eqn.primitive.multiple_results else [value]
     if self.kind == Kind.PARAM:
@@ -115,7 +127,8 @@ class _Out:
     if keeps_origin and len(self.act) == 1 and all(
         v.kind == Kind.CONST for v in self.invals if v is not self.act[0]):
       origin = self.act[0].origin
-    return [_Val(Kind.ACT, v, log_scale=ls, origin=origin) for v, ls in pairs]
+    bounded = renormalise or bounded
+    return [_Val(Kind.ACT, v, log_scale=ls, origin=origin, bounded=bounded) for v, ls in pairs]
 
   def signed_outputs(self):
     """The true outputs of a parameter-only equation, from its operands' true values."""
@@ -146,7 +159,8 @@ def _placement(interp, eqn, invals, out):
 
 def _layout(interp, eqn, invals, out):
   values = [interp.lift(v, out.kind) if v.kind != Kind.ACT else v.value for v in invals]
-  return out(eqn.primitive.bind(values[0], *values[1:], **eqn.params), keeps_origin=True)
+  return out(eqn.primitive.bind(values[0], *values[1:], **eqn.params), keeps_origin=True,
+             bounded=all(v.bounded for v in out.act))
 
 
 def _additive(interp, eqn, invals, out):
@@ -164,11 +178,14 @@ def _additive(interp, eqn, invals, out):
     value = act.value if np.shape(act.value) == shape else jnp.broadcast_to(act.value, shape)
     step = "constant shift" if other.kind == Kind.CONST else "parameter shift"
     return [_Val(Kind.ACT, value, log_scale=act.log_scale, bias=bias,
-                 chain=act.chain | {step}, bias_at=eqn, neuron_leaves=act.neuron_leaves)]
+                 chain=act.chain | {step}, bias_at=eqn, neuron_leaves=act.neuron_leaves,
+                 bounded=act.bounded)]
   if out.kind == Kind.ACT:  # a sum of activations (a residual connection): closes both neurons
-    (x, y), common = interp.align([interp.flush(v) for v in invals], Kind.ACT)
+    flushed = [interp.flush(v) for v in invals]
+    (x, y), common = interp.align(flushed, Kind.ACT)
+    # Two entries below 2 sum to below 4: renormalised by the next operation that may grow it.
     return out(broadcast_op(lax.add, x, y), "sum of activations", log_scale=common,
-               renormalise=True)
+               renormalise=not all(v.bounded for v in flushed))
   x, y = (interp.lift(v, Kind.PARAM) for v in invals)  # parameters: a sum, folded where used
   return out(broadcast_op(lax.add, x, y), exact=False)
 
@@ -196,8 +213,10 @@ def _linear(interp, eqn, invals, out):
     return out(value, exact=exact)
   role = {"reduce_window_sum": "sum pooling", "concatenate": "concatenate",
           "select_n": "select"}.get(name)
+  # Moving, padding or selecting entries keeps them below 2 (aligned operands only shrink).
+  bounded = name not in _SUMMING and all(v.bounded for v in summed if v.kind == Kind.ACT)
   return out(value, role, "bias" if name in ("concatenate", "pad", "select_n") else None,
-             log_scale=common, renormalise=len(summed) > 1)
+             log_scale=common, renormalise=len(summed) > 1 and not bounded, bounded=bounded)
 
 
 def _mul(interp, eqn, invals, out):
@@ -209,7 +228,9 @@ def _mul(interp, eqn, invals, out):
   act, factor = (a, b) if a.kind == Kind.ACT else (b, a)
   scale = interp.operand(factor, 0.0) if factor.kind == Kind.PARAM else interp.power(factor.value)
   value = broadcast_op(lax.mul, act.value, scale)
-  (result,) = out(value, "scale", "weight", renormalise=True, keeps_origin=True)
+  # A scaling renormalises only an activation not already below 2: BatchNorm's scale right
+  # after a convolution costs no renormalisation of its own.
+  (result,) = out(value, "scale", "weight", renormalise=not act.bounded, keeps_origin=True)
   result = dataclasses.replace(result, neuron_leaves=act.neuron_leaves | factor.leaves)
   return [_reopen(interp, act, result, factor, "mul", eqn)]
 
@@ -224,7 +245,7 @@ def _div(interp, eqn, invals, out):
   if out.kind != Kind.ACT:
     return out(broadcast_op(lax.mul, interp.lift(a, Kind.PARAM), inverse), exact=a.exact)
   (result,) = out(broadcast_op(lax.mul, a.value, inverse), "scale by constant",
-                  renormalise=True, keeps_origin=True)
+                  renormalise=not a.bounded, keeps_origin=True)
   return [_reopen(interp, a, result, b, "div", eqn)]
 
 

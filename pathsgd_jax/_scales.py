@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pathsgd_jax._numerics import pow2_factors, times_factors
 from pathsgd_jax._pathnet import PathInterpreter, PathNetwork, check_p, power, times_pow2
 
 try:
@@ -62,6 +63,7 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
     return _log_mantissa(*net.path_sum(weights, constants, interpreter, deltas=deltas,
                                        inputs=inputs))
 
+  interpreter = interpreter or PathInterpreter(net.p, net.dtype, net.leaf_names)
   deltas = [jnp.zeros_like(w, dtype=net.dtype) for w in weights]  # with w's sharding
   (_, (mantissa, exponent, gradient_exponents)), dlog = jax.value_and_grad(
       log_mantissa, has_aux=True)(deltas)
@@ -70,24 +72,34 @@ def compute_scales(net: PathNetwork, params, *, normalize: bool, interpreter=Non
   log_g = _log(mantissa, exponent, net.dtype)
   square_root_free = isinstance(net.p, float) and net.p == 2
 
-  def kappa_of(gradient, gradient_exponent):
+  # Most leaves' gradients come without an exponent of their own: their κ shares one factor.
+  shared = None if normalize else pow2_factors(exponent)
+  included = [i for i, inc in enumerate(net.included) if inc]
+  plain = [not isinstance(interpreter.gradient_exponents.get(i, 0.0), jax.Array)
+           for i in included]
+
+  def kappa_of(gradient, gradient_exponent, plain):
     total_exponent = gradient_exponent + (0.0 if normalize else exponent)
     if square_root_free:  # κ = gradient · (m if raw) · 2^(exponents): exact
+      if normalize and plain:
+        return gradient
+      if plain:
+        return times_factors(gradient * mantissa, shared)
       return times_pow2(gradient if normalize else gradient * mantissa, total_exponent)
     positive = gradient > 0
     log_kappa = ratio * (jnp.log(jnp.where(positive, gradient, 1)) + gradient_exponent * ln2
                          + (0.0 if normalize else log_g))
     return jnp.where(positive, jnp.exp(log_kappa), 0.0)
 
-  grads = iter(zip(dlog, gradient_exponents))
+  grads = iter(zip(dlog, gradient_exponents, plain))
   kappas, unrepresentable = [], []
   for x, inc in zip(leaves, net.included):
     if not inc:
       kappas.append(jnp.ones(jnp.shape(x), net.dtype))
       unrepresentable.append(jnp.zeros(jnp.shape(x), bool))
       continue
-    gradient, gradient_exponent = next(grads)
-    kappa = kappa_of(gradient, gradient_exponent)
+    gradient, gradient_exponent, plain_leaf = next(grads)
+    kappa = kappa_of(gradient, gradient_exponent, plain_leaf)
     unrepresentable.append(~jnp.isfinite(kappa) | ((kappa == 0) & (gradient > 0)))
     kappas.append(kappa)
   # Without a hint, GSPMD may lay κ out unlike its parameter (replicated, or sharded like

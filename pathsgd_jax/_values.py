@@ -35,7 +35,8 @@ class _Val:
   `PathInterpreter.param_value`), while the forward value used where it meets an activation
   is ``|signed()|^p`` (``exact`` is False then). ``signed`` computes the true value lazily.
 
-  An ``ACT`` value stands for ``value · 2^log_scale``. ``bias`` is the signed, not yet powered
+  An ``ACT`` value stands for ``value · 2^log_scale``; ``bounded`` says its entries are
+  known to be below 2, so that a scaling or a sum may skip renormalising (see `_rules`). ``bias`` is the signed, not yet powered
   additive part of the affine neuron the activation is in (see `_rules` for when a neuron
   closes); ``chain`` names the affine steps folded into it, for the report.
   """
@@ -60,6 +61,9 @@ class _Val:
   bias_at: Any = None  # ACT: the equation that last changed the pending bias (for the report)
   # ACT: leaves of the linear map that opened the neuron; a bias closing it joins their group.
   neuron_leaves: frozenset[int] = frozenset()
+  # ACT: value's entries are known to be below 2 (renormalised by the operation that made it,
+  # or moved without arithmetic since); an operation that may grow it renormalises only if not.
+  bounded: bool = False
 
   def __post_init__(self):
     if self.kind == Kind.ACT and self.origin is None:

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import pathsgd_jax
-from pathsgd_jax.experiments import common, models
+from pathsgd_jax.experiments import common, models, resnets
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 30,
@@ -136,12 +136,37 @@ def cnn_network(image_size: int, image_channels: int, channels: Sequence[int], c
   return Network("cnn", desc, params, models.cnn_apply, x, y)
 
 
+def resnet_network(depth: int, image_size: int, batch: int, classes: int = 10,
+                   seed: int = 0) -> Network:
+  """A ResNet v1.5 of :mod:`pathsgd_jax.experiments.resnets` with eval-mode BatchNorm.
+
+  The running statistics are random (as after some training), constants of ``apply``.
+  """
+  kp, ks, kx, ky = jax.random.split(jax.random.key(seed), 4)
+  model, variables = resnets.init(depth, image_size, kp, classes=classes)
+  stats = variables["batch_stats"]
+  leaves, treedef = jax.tree.flatten(stats)
+  keys = jax.random.split(ks, len(leaves))
+  stats = treedef.unflatten([  # means around 0, variances around 1
+      0.1 * jax.random.normal(k, l.shape) if i % 2 == 0 else
+      jnp.exp(0.2 * jax.random.normal(k, l.shape)) for i, (k, l) in enumerate(zip(keys, leaves))])
+
+  def apply(params, x):
+    return model.apply({"params": params, "batch_stats": stats}, x)
+
+  x = jax.random.uniform(kx, (batch, image_size, image_size, 3), jnp.float32)
+  y = jax.random.randint(ky, (batch,), 0, classes, jnp.int32)
+  return Network(f"resnet{depth}", f"ResNet{depth} v1.5 (eval-mode BatchNorm) "
+                 f"{image_size}x{image_size}x3, batch {batch}", variables["params"], apply, x, y)
+
+
 def optimizer_variants(net: Network, refresh: Sequence[int], momentum: float = 0.9,
                        lr: float = 1e-4, ddp_alphas: Sequence[float] = ()
                        ) -> dict[str, optax.GradientTransformation]:
   """``sgd`` (momentum), ``adagrad``, ``path-sgd`` (momentum) for each refresh period and
   ``ddp-sgd`` (momentum) for each α of ``ddp_alphas``."""
-  out = {"sgd": optax.sgd(lr, momentum=momentum), "adagrad": optax.adagrad(lr)}
+  out = {"sgd": optax.sgd(lr, momentum=momentum), "adagrad": optax.adagrad(lr),
+         "adam": optax.adam(lr)}
   for k in refresh:
     out[f"path-sgd (refresh {k})"] = pathsgd_jax.path_sgd(
         lr, net.apply, net.x, momentum=momentum, refresh_every=k)
@@ -205,19 +230,34 @@ def bench_network(net: Network, *, refresh: Sequence[int] = (1, 10),
     params = jax.tree.map(jnp.copy, net.params)
     opt_state = tx.init(params)
     t0 = time.perf_counter()
-    compiled = make_step(net.apply, tx).lower(params, opt_state, net.x, net.y).compile()
-    compile_s = time.perf_counter() - t0
-    info[name] = {"compile_time_s": compile_s, "memory": memory_of(compiled),
+    lowered = make_step(net.apply, tx).lower(params, opt_state, net.x, net.y)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    # trace_time_s: tracing and lowering to StableHLO (Python); xla_compile_time_s: XLA.
+    info[name] = {"compile_time_s": t2 - t0, "trace_time_s": t1 - t0,
+                  "xla_compile_time_s": t2 - t1, "memory": memory_of(compiled),
                   "opt_state_bytes": int(sum(np.asarray(l).nbytes
                                              for l in jax.tree.leaves(opt_state)))}
     steppers[name] = _Stepper(compiled, params, opt_state, net.x, net.y, number)
+  base_mem = info["sgd"]["memory"].get("peak_estimate")
+  for name in variants:
+    info[name]["compile_ratio_to_sgd"] = (info[name]["compile_time_s"]
+                                          / info["sgd"]["compile_time_s"])
+    peak = info[name]["memory"].get("peak_estimate")
+    info[name]["memory_ratio_to_sgd"] = (peak / base_mem) if peak and base_mem else None
+  out = {"description": net.description, "num_params": net.num_params,
+         "batch": int(net.x.shape[0]), "number": number, "repeats": repeats,
+         "warmup": warmup, "variants": info}
+  if not repeats:  # compile and memory only
+    log(f"[bench] {net.description}: {net.num_params:,} parameters; compiled, not timed")
+    return out
   steppers[_READ] = _WeightReader(net.params, number)
   log(f"[bench] {net.description}: {net.num_params:,} parameters; timing {len(steppers)} "
       f"variants x {repeats} repeats x {number} steps (interleaved, {warmup} warm-up)")
   timings = time_interleaved(steppers, repeats=repeats, warmup=warmup, number=number)
   read = timings.pop(_READ)
   base = timings["sgd"]["median_s"]
-  base_mem = info["sgd"]["memory"].get("peak_estimate")
   for name in variants:
     info[name].update(timings[name])
     info[name]["ratio_to_sgd"] = timings[name]["median_s"] / base
@@ -226,15 +266,12 @@ def bench_network(net: Network, *, refresh: Sequence[int] = (1, 10),
     info[name]["ratio_to_sgd_paired"] = statistics.median(
         a / b for a, b in zip(timings[name]["times_s"], timings["sgd"]["times_s"]))
     info[name]["ratio_to_sgd_min"] = timings[name]["min_s"] / timings["sgd"]["min_s"]
-    peak = info[name]["memory"].get("peak_estimate")
-    info[name]["memory_ratio_to_sgd"] = (peak / base_mem) if peak and base_mem else None
   # The path network reads each weight matrix twice (its forward and backward pass), on top
   # of the training step: a floor for κ every step, whatever the implementation.
   floor = {"weight_read_median_s": read["median_s"],
            "ratio_floor": 1.0 + 2.0 * read["median_s"] / base}
-  return {"description": net.description, "num_params": net.num_params,
-          "batch": int(net.x.shape[0]), "number": number, "repeats": repeats,
-          "warmup": warmup, "variants": info, "kappa_bandwidth_floor": floor}
+  out["kappa_bandwidth_floor"] = floor
+  return out
 
 
 def format_bench(results: dict) -> str:
@@ -243,14 +280,18 @@ def format_bench(results: dict) -> str:
   for net_name, net in results["networks"].items():
     for name, v in net["variants"].items():
       mem = v["memory"]
-      rows.append([net_name, name, f"{v['median_s'] * 1e3:.2f}",
-                   f"{v['q25_s'] * 1e3:.2f}-{v['q75_s'] * 1e3:.2f}", f"{v['min_s'] * 1e3:.2f}",
-                   f"{v['ratio_to_sgd']:.3f}", f"{v['ratio_to_sgd_paired']:.3f}",
-                   f"{v['ratio_to_sgd_min']:.3f}",
+      timed = "median_s" in v
+      ms = lambda key: f"{v[key] * 1e3:.2f}" if timed else "-"
+      ratio = lambda key: f"{v[key]:.3f}" if timed else "-"
+      rows.append([net_name, name, ms("median_s"),
+                   f"{v['q25_s'] * 1e3:.2f}-{v['q75_s'] * 1e3:.2f}" if timed else "-",
+                   ms("min_s"), ratio("ratio_to_sgd"), ratio("ratio_to_sgd_paired"),
+                   ratio("ratio_to_sgd_min"),
                    _mib(mem.get("peak_estimate")), _mib(mem.get("temp_size")),
                    _mib(mem.get("argument_size")),
                    "-" if v["memory_ratio_to_sgd"] is None else f"{v['memory_ratio_to_sgd']:.3f}",
-                   f"{v['compile_time_s']:.1f}"])
+                   f"{v['trace_time_s']:.1f}", f"{v['compile_time_s']:.1f}",
+                   f"{v['compile_ratio_to_sgd']:.2f}"])
     floor = net.get("kappa_bandwidth_floor")
     if floor:
       notes.append(f"{net_name}: one read of all weight matrices takes "
@@ -259,7 +300,7 @@ def format_bench(results: dict) -> str:
                    "unless those reads are shared with the training step.")
   table = common.table(["network", "optimizer", "median ms", "IQR ms", "min ms", "t/sgd",
                         "t/sgd paired", "t/sgd min", "peak MiB est.", "temp MiB", "args MiB",
-                        "mem/sgd", "compile s"], rows)
+                        "mem/sgd", "trace s", "compile s", "compile/sgd"], rows)
   return "\n".join([table] + notes)
 
 
@@ -277,9 +318,11 @@ def plot_bench(results: dict):
   for c, net_name in enumerate(nets):
     variants = results["networks"][net_name]["variants"]
     names = list(variants)
-    t = [variants[n]["median_s"] * 1e3 for n in names]
-    err = [[variants[n]["median_s"] * 1e3 - variants[n]["q25_s"] * 1e3 for n in names],
-           [variants[n]["q75_s"] * 1e3 - variants[n]["median_s"] * 1e3 for n in names]]
+    nan = {"median_s": math.nan, "q25_s": math.nan, "q75_s": math.nan}
+    timed = [variants[n] if "median_s" in variants[n] else nan for n in names]
+    t = [v["median_s"] * 1e3 for v in timed]
+    err = [[v["median_s"] * 1e3 - v["q25_s"] * 1e3 for v in timed],
+           [v["q75_s"] * 1e3 - v["median_s"] * 1e3 for v in timed]]
     mem = [(variants[n]["memory"].get("peak_estimate") or 0) / 2**20 for n in names]
     colors = ["tab:red" if n.startswith("path") else "tab:gray" for n in names]
     axes[0, c].bar(range(len(names)), t, yerr=err, color=colors)
@@ -303,7 +346,7 @@ _READ = "weight read"
 class BenchConfig:
   """Configuration of :func:`run_bench`."""
 
-  networks: Sequence[str] = ("mlp", "cnn")
+  networks: Sequence[str] = ("mlp", "cnn")  # and resnet18, resnet34, resnet50, ...
   mlp_sizes: Sequence[int] = (784, 4000, 4000, 10)
   cnn_channels: Sequence[int] = (32, 64)
   image_size: int = 32
@@ -316,14 +359,16 @@ class BenchConfig:
   warmup: int = 2
   number: int | None = None
   seed: int = 0
+  resnet_image_size: int = 32
+  resnet_batch: int = 2
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
   """Runs the benchmark; returns the dict written to ``results.json``."""
   if any(k < 1 for k in cfg.refresh_every):
     raise common.ConfigError("--refresh-every values must be positive integers.")
-  if cfg.repeats < 1 or cfg.batch < 1:
-    raise common.ConfigError("--repeats and --batch must be positive.")
+  if cfg.repeats < 0 or cfg.batch < 1:
+    raise common.ConfigError("--repeats must be >= 0 (0: compile only) and --batch positive.")
   t0 = time.perf_counter()
   results = {"command": "bench", "config": dataclasses.asdict(cfg),
              "environment": common.environment(), "networks": {}}
@@ -333,8 +378,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     elif name == "cnn":
       net = cnn_network(cfg.image_size, cfg.image_channels, cfg.cnn_channels, cfg.classes,
                         cfg.batch, cfg.seed)
+    elif name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in resnets.STAGES:
+      net = resnet_network(int(name[6:]), cfg.resnet_image_size, cfg.resnet_batch,
+                           cfg.classes, cfg.seed)
     else:
-      raise common.ConfigError(f"Unknown network {name!r}; choose mlp or cnn.")
+      raise common.ConfigError(f"Unknown network {name!r}; choose mlp, cnn or one of "
+                               f"{', '.join(resnets.names())}.")
     results["networks"][name] = bench_network(net, refresh=cfg.refresh_every,
                                               ddp_alphas=cfg.ddp_alphas,
                                               repeats=cfg.repeats, warmup=cfg.warmup,

@@ -188,8 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
   b = sub.add_parser("bench", help="step time and memory of path_sgd vs optax.sgd/adagrad",
                      description=BENCH_DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-  b.add_argument("--networks", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"],
-                 help="networks to benchmark (default: mlp cnn)")
+  b.add_argument("--networks", "--network", nargs="+",
+                 choices=["mlp", "cnn", "resnet18", "resnet34", "resnet50", "resnet101",
+                          "resnet152"], default=["mlp", "cnn"],
+                 help="networks to benchmark (default: mlp cnn); resnetN: ResNet v1.5 with "
+                      "eval-mode BatchNorm, at --resnet-image-size and --resnet-batch")
+  b.add_argument("--resnet-image-size", type=_positive_int, default=32,
+                 help="ResNet input height = width (default 32: CIFAR-style stem)")
+  b.add_argument("--resnet-batch", type=_positive_int, default=2,
+                 help="ResNet batch size (default 2)")
   b.add_argument("--mlp-sizes", nargs="+", type=_positive_int, default=[784, 4000, 4000, 10],
                  metavar="N", help="MLP layer sizes (default 784 4000 4000 10)")
   b.add_argument("--cnn-channels", nargs="+", type=_positive_int, default=[32, 64],
@@ -203,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                  metavar="K", help="Path-SGD kappa refresh periods to compare (default 1 10)")
   b.add_argument("--ddp-alphas", nargs="+", type=float, default=[], metavar="A",
                  help="also time ddp_sgd (momentum 0.9) at these alphas, e.g. 0.5 1 (default none)")
-  b.add_argument("--repeats", type=_positive_int, default=30,
-                 help="timed repeats per variant (default 30)")
+  b.add_argument("--repeats", type=int, default=30,
+                 help="timed repeats per variant (default 30; 0: compile time and memory only)")
   b.add_argument("--warmup", type=int, default=2, help="untimed repeats first (default 2)")
   b.add_argument("--number", type=_positive_int,
                  help="steps per timed repeat (default: lcm of --refresh-every)")
@@ -307,6 +314,7 @@ def _bench(args: argparse.Namespace) -> int:
       networks=args.networks, mlp_sizes=args.mlp_sizes, cnn_channels=args.cnn_channels,
       image_size=args.image_size, image_channels=args.image_channels, batch=args.batch,
       refresh_every=args.refresh_every, ddp_alphas=args.ddp_alphas, repeats=args.repeats,
+      resnet_image_size=args.resnet_image_size, resnet_batch=args.resnet_batch,
       warmup=args.warmup,
       number=args.number, seed=args.seed)
   results = bench.run_bench(cfg, log=_log_fn(args.quiet))
