@@ -21,13 +21,25 @@ import models_zoo as mz
 import pathsgd_jax as psgd
 
 
+# Tiny networks: XLA's backend optimisation costs more than it saves (compile time dominates).
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+_JITTED = {}  # one jitted function per (function, apply_fn, alpha), shared by the tests
+
+
+def _jitted(fn, apply_fn, **kwargs):
+    key = (fn, apply_fn, tuple(sorted(kwargs.items())))
+    if key not in _JITTED:
+        _JITTED[key] = _jit(functools.partial(fn, apply_fn, **kwargs))
+    return _JITTED[key]
+
+
 def _ddp(apply_fn, params, x, alpha):
-    """ddp_scales under one jit (one compilation instead of many eager dispatches)."""
-    return jax.jit(functools.partial(psgd.ddp_scales, apply_fn, alpha=alpha))(params, x)
+    """ddp_scales under one jit (one compilation, reused for equal shapes across tests)."""
+    return _jitted(psgd.ddp_scales, apply_fn, alpha=alpha)(params, x)
 
 
 def _path(apply_fn, params, x):
-    return jax.jit(functools.partial(psgd.path_scales, apply_fn))(params, x)
+    return _jitted(psgd.path_scales, apply_fn)(params, x)
 
 
 def _mlp(key, widths, bias=True, dtype=jnp.float64):
@@ -89,7 +101,7 @@ def half_hessian_diagonal(params, x, alpha):
         return complexity(unravel(v), x, alpha)
     grad = jax.grad(f)
     eye = jnp.eye(flat.size, dtype=flat.dtype)
-    diag = jax.jit(jax.vmap(lambda e: jnp.vdot(e, jax.jvp(grad, (flat,), (e,))[1])))(eye)
+    diag = _jit(jax.vmap(lambda e: jnp.vdot(e, jax.jvp(grad, (flat,), (e,))[1])))(eye)
     return unravel(0.5 * diag)
 
 
@@ -98,12 +110,24 @@ def _close(a, b, rtol=1e-9, atol=1e-12):
                                                          rtol=rtol, atol=atol), a, b)
 
 
-@pytest.mark.parametrize("alpha,bias", [(0.3, True), (1.0, True), (0.3, False)])
-def test_mlp_matches_numpy_reference(alpha, bias):
+_MIXED_BIAS = [True, False, True]  # layers with and without a bias in one network
+
+
+@pytest.fixture(scope="module")
+def deep_mlp():
+    """Two hidden layers, mixed biases, float64: (params, x, κ(0.3)), shared by two tests."""
     with jax.enable_x64(True):
-        params = _mlp(jax.random.key(1), [4, 6, 5, 3], bias=bias)
+        params = _mlp(jax.random.key(1), [4, 6, 5, 3], bias=_MIXED_BIAS)
         x = _batch(0, 16, 4)
-        _close(_ddp(mz.mlp_apply, params, x, alpha), numpy_ddp_kappa(params, x, alpha))
+        return params, x, _ddp(mz.mlp_apply, params, x, 0.3)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_mlp_matches_numpy_reference(alpha, deep_mlp):
+    params, x, kappa = deep_mlp
+    with jax.enable_x64(True):
+        got = kappa if alpha == 0.3 else _ddp(mz.mlp_apply, params, x, alpha)
+        _close(got, numpy_ddp_kappa(params, x, alpha))
 
 
 @pytest.mark.parametrize("alpha", [0.4])  # α = 1: the closed-form test below
@@ -134,21 +158,24 @@ def test_alpha_one_closed_form_and_gauss_newton():
         _close(got, gauss_newton)
 
 
-def test_deeper_nets_exact_on_last_two_layers_path_diagonal_on_the_first():
+def test_deeper_nets_exact_on_last_two_layers_path_diagonal_on_the_first(deep_mlp):
     """Two hidden layers: the Hessian diagonal holds where one path joins a unit to each later
     one; on the first layer the squared-Jacobian cross terms are dropped (stated, measured)."""
+    params, x, got = deep_mlp
     with jax.enable_x64(True):
-        params = _mlp(jax.random.key(4), [3, 5, 4, 2])
-        x = _batch(3, 12, 3)
-        for alpha in (0.5,):
-            got = _ddp(mz.mlp_apply, params, x, alpha)
-            exact = half_hessian_diagonal(params, x, alpha)
-            _close(got[1:], exact[1:])
-            gap = np.abs(np.asarray(got[0]["w"]) - np.asarray(exact[0]["w"])).max()
-            assert gap > 1e-6 * np.abs(np.asarray(exact[0]["w"])).max()  # approximation is real
+        exact = half_hessian_diagonal(params, x, 0.3)
+        _close(got[1:], exact[1:])
+        gap = np.abs(np.asarray(got[0]["w"]) - np.asarray(exact[0]["w"])).max()
+        assert gap > 1e-6 * np.abs(np.asarray(exact[0]["w"])).max()  # approximation is real
 
 
-@pytest.mark.parametrize("net", ["mlp", "mlp-nobias", "cnn"])
+def _f32_mlp():
+    """A float32 MLP with and without biases, and its batch (shared shapes: one compile)."""
+    params = _mlp(jax.random.key(5), [5, 7, 6, 3], bias=_MIXED_BIAS, dtype=jnp.float32)
+    return params, _batch(0, 8, 5, jnp.float32)
+
+
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
 def test_alpha_zero_is_path_sgd(net):
     key = jax.random.key(5)
     if net == "cnn":
@@ -156,8 +183,7 @@ def test_alpha_zero_is_path_sgd(net):
         apply_fn = mz.make_cnn_apply()
         x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6, 6, 2)), jnp.float32)
     else:
-        params = _mlp(key, [5, 7, 6, 3], bias=net == "mlp", dtype=jnp.float32)
-        apply_fn, x = mz.mlp_apply, _batch(0, 8, 5, jnp.float32)
+        (params, x), apply_fn = _f32_mlp(), mz.mlp_apply
     _close(_ddp(apply_fn, params, x, 0.0), _path(apply_fn, params, x), rtol=1e-6, atol=0)
 
 
@@ -166,7 +192,7 @@ def _trajectories(tx, starts, xs, ys, apply_fn, use_inputs=True):
     def loss(p, x, y):
         return jnp.mean((apply_fn(p, x) - y) ** 2)
 
-    @jax.jit
+    @_jit
     def step(params, state, x, y):
         grads = jax.grad(loss)(params, x, y)
         kwargs = {"inputs": x} if use_inputs else {}
@@ -185,30 +211,31 @@ def _trajectories(tx, starts, xs, ys, apply_fn, use_inputs=True):
 
 # α = 0 is Path-SGD's κ exactly (test_alpha_zero_is_path_sgd), whose invariance
 # test_invariance covers; here the data-dependent α.
-@pytest.mark.parametrize("momentum,alphas", [(None, (0.5,)), (0.9, (0.5, 1.0))])
-def test_rescaling_invariance_of_trajectories(momentum, alphas):
+@pytest.mark.parametrize("momentum,alpha", [(None, 0.5), (0.9, 1.0)])
+def test_rescaling_invariance_of_trajectories(momentum, alpha):
     with jax.enable_x64(True):
         widths = [4, 6, 5, 2]
         params = _mlp(jax.random.key(7), widths)
         rescaled = mz.rescale_mlp_params(params, mz.random_rescaling(0, widths))
-        xs = [_batch(10 + i, 16, 4) for i in range(10)]
-        ys = [_batch(30 + i, 16, 2) for i in range(10)]
-        for alpha in alphas:
-            tx = psgd.ddp_sgd(0.02, mz.mlp_apply, xs[0], alpha=alpha, momentum=momentum)
-            a, b = _trajectories(tx, [params, rescaled], xs, ys, mz.mlp_apply)
-            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
-            assert np.abs(a[-1] - a[0]).max() > 1e-3  # it trains
-        sgd = optax.sgd(0.02, momentum=momentum)
-        a, b = _trajectories(sgd, [params, rescaled], xs, ys, mz.mlp_apply, use_inputs=False)
-        assert np.abs(a - b).max() > 1e-2
+        xs = [_batch(10 + i, 16, 4) for i in range(6)]
+        ys = [_batch(30 + i, 16, 2) for i in range(6)]
+        tx = psgd.ddp_sgd(0.02, mz.mlp_apply, xs[0], alpha=alpha, momentum=momentum)
+        a, b = _trajectories(tx, [params, rescaled], xs, ys, mz.mlp_apply)
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+        assert np.abs(a[-1] - a[0]).max() > 1e-3  # it trains
+        if momentum is None:  # the control: plain SGD on the same starts is not invariant
+            sgd = optax.sgd(0.02)
+            a, b = _trajectories(sgd, [params, rescaled], xs, ys, mz.mlp_apply,
+                                 use_inputs=False)
+            assert np.abs(a - b).max() > 1e-2
 
 
 def test_scales_depend_on_the_batch_only_when_alpha_positive():
-    params = _mlp(jax.random.key(8), [4, 6, 3], dtype=jnp.float32)
-    x1, x2 = _batch(1, 16, 4, jnp.float32), _batch(2, 16, 4, jnp.float32)
+    params, x1 = _f32_mlp()  # α = 0 shares its compilation with test_alpha_zero_is_path_sgd
+    x2 = _batch(2, 8, 5, jnp.float32)
     for alpha, same in ((0.0, True), (0.5, False)):
-        scales = jax.jit(functools.partial(psgd.ddp_scales, mz.mlp_apply, alpha=alpha))
-        k1, k2 = jax.tree.leaves(scales(params, x1)), jax.tree.leaves(scales(params, x2))
+        k1 = jax.tree.leaves(_ddp(mz.mlp_apply, params, x1, alpha))
+        k2 = jax.tree.leaves(_ddp(mz.mlp_apply, params, x2, alpha))
         equal = all(np.array_equal(a, b) for a, b in zip(k1, k2))
         assert equal == same, alpha
 
@@ -223,7 +250,7 @@ def test_update_differs_from_the_gradient_and_needs_inputs():
         tx.update(grads, state, params)
     with pytest.raises(ValueError, match="current parameters"):
         tx.update(grads, state, inputs=x)
-    updates, _ = jax.jit(lambda g, s, p, b: tx.update(g, s, p, inputs=b))(grads, state,
+    updates, _ = _jit(lambda g, s, p, b: tx.update(g, s, p, inputs=b))(grads, state,
                                                                            params, x)
     with jax.enable_x64(True):
         kappa = numpy_ddp_kappa(params, np.asarray(x, np.float64), 0.5)
@@ -265,7 +292,7 @@ def test_linen_loop_by_hand_and_chain():
                      optax.scale(-0.05))
     state = tx.init(params)
 
-    @jax.jit
+    @_jit
     def step(params, state, xb, yb):
         loss, grads = jax.value_and_grad(lambda p: mz.cross_entropy(fn(p, xb), yb))(params)
         updates, state = tx.update(grads, state, params, inputs=xb)
