@@ -153,7 +153,8 @@ def test_alpha_one_closed_form_and_gauss_newton():
         hand = [{"w": (xn ** 2).T @ g2 / 10 * out2[None], "b": g2.mean(0) * out2},
                 {"w": np.repeat(h2.mean(0)[:, None], 2, 1), "b": np.ones(2)}]
         _close(got, hand)
-        jac = jax.vmap(lambda xi: jax.jacrev(lambda p: mz.mlp_apply(p, xi[None])[0])(params))(x)
+        jac = _jit(jax.vmap(lambda xi: jax.jacrev(lambda p: mz.mlp_apply(p, xi[None])[0])(
+            params)))(x)
         gauss_newton = jax.tree.map(lambda j: jnp.mean(jnp.sum(j ** 2, axis=1), axis=0), jac)
         _close(got, gauss_newton)
 
@@ -335,7 +336,7 @@ def test_nnx_optimizer_with_inputs_and_train_mode_batchnorm():
         return loss
 
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    losses = [float(step(model, optimizer, x[j:j + 16], y[j:j + 16])) for j in (0, 16, 32, 48)]
+    losses = [float(step(model, optimizer, x[j:j + 16], y[j:j + 16])) for j in (0, 16)]
     after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     assert np.all(np.isfinite(losses)), losses
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
