@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -125,14 +127,45 @@ def test_bench_cli_tiny(tmp_path):
   assert set(results["networks"]) == {"mlp", "cnn"}
   for net in results["networks"].values():
     assert net["number"] == 2  # lcm of the refresh periods.
-    assert set(net["variants"]) == {"sgd", "adagrad", "path-sgd (refresh 1)",
+    assert set(net["variants"]) == {"sgd", "adagrad", "adam", "path-sgd (refresh 1)",
                                     "path-sgd (refresh 2)"}
     sgd = net["variants"]["sgd"]
     assert sgd["ratio_to_sgd"] == sgd["ratio_to_sgd_paired"] == sgd["ratio_to_sgd_min"] == 1.0
+    assert sgd["compile_ratio_to_sgd"] == 1.0
     for v in net["variants"].values():
       assert len(v["times_s"]) == 3 and v["median_s"] > 0
       assert v["memory"]["peak_estimate"] > 0
+      assert 0 < v["trace_time_s"] < v["compile_time_s"]
+      assert v["compile_time_s"] == pytest.approx(v["trace_time_s"] + v["xla_compile_time_s"])
   assert results["environment"]["versions"]["jax"]
+
+
+def test_bench_compile_only(tmp_path):
+  """--repeats 0 compiles and sizes every variant without timing steps."""
+  code = cli.main(["bench", "--networks", "mlp", "--mlp-sizes", "6", "5", "3", "--batch", "2",
+                   "--repeats", "0", "--refresh-every", "1", "--out", str(tmp_path), "--quiet"])
+  assert code == 0
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    (net,) = json.load(f)["networks"].values()
+  for v in net["variants"].values():
+    assert "median_s" not in v and v["compile_time_s"] > 0 and v["memory"]["peak_estimate"] > 0
+  assert "kappa_bandwidth_floor" not in net
+
+
+def test_bench_resnets_are_resnet_v1_5():
+  """The benchmark's ResNets: parameter counts of ResNet v1.5 (CIFAR stem, 10 classes)."""
+  from pathsgd_jax.experiments import resnets  # pylint: disable=g-import-not-at-top
+
+  counts = {}
+  for depth in (18, 50):  # shapes only: abstract evaluation
+    model = resnets.ResNet(depth, classes=10, small_images=True)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    counts[depth] = sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"]))
+    logits = jax.eval_shape(model.apply, variables, jnp.ones((2, 8, 8, 3)))
+    assert logits.shape == (2, 10)
+  # Known sizes of these architectures with a 3x3 stem and a 10-way head (BatchNorm scales
+  # and biases included): 11,173,962 and 23,520,842.
+  assert counts == {18: 11_173_962, 50: 23_520_842}
 
 
 def test_time_interleaved_counts_and_orders():
