@@ -72,12 +72,15 @@ accelerator: on a CPU it takes hours.
 """
 
 BENCH_DESCRIPTION = """\
-Step time and compiled memory of pathsgd_jax.path_sgd (momentum 0.9) against optax.sgd
-(momentum 0.9) and optax.adagrad, each a jitted, donating train step (softmax cross-entropy)
-on a fixed random batch. Networks: the paper's MLP (--mlp-sizes, default 784-4000-4000-10)
-and a small CIFAR-style CNN (conv3x3 32 -> relu -> avgpool2 -> conv3x3 64 -> relu ->
-avgpool2 -> dense 10 on 32x32x3), batch --batch (100). Path-SGD is run with each
---refresh-every k (default 1 and 10: kappa recomputed every k-th step, cached in between).
+Step time, compile time and compiled memory of pathsgd_jax.path_sgd (momentum 0.9) against
+optax.sgd (momentum 0.9), optax.adagrad and optax.adam, each a jitted, donating train step
+(softmax cross-entropy) on a fixed random batch. Networks: the paper's MLP (--mlp-sizes,
+default 784-4000-4000-10), a small CIFAR-style CNN (conv3x3 32 -> relu -> avgpool2 ->
+conv3x3 64 -> relu -> avgpool2 -> dense 10 on 32x32x3), batch --batch (100), and ResNet v1.5
+resnet18/34/50/101/152 with eval-mode BatchNorm (--resnet-image-size, --resnet-batch). Path-SGD
+is run with each --refresh-every k (default 1 and 10: kappa recomputed every k-th step, cached
+in between). Compile time is split into trace (tracing and lowering, Python) and XLA compile;
+--repeats 0 reports compile time and memory only (deep ResNets on a CPU).
 
 Timing: variants interleaved in one process, order rotated each repeat; each repeat times
 --number consecutive steps (default: lcm of the refresh periods, so refresh steps count at
