@@ -90,7 +90,10 @@ def normalised(value) -> tuple[jax.Array, jax.Array]:
   dtype = jnp.result_type(value)
   nmant, bias, int_dtype = _float_layout(dtype)
   top = lax.stop_gradient(lax.reduce_max(value, tuple(range(np.ndim(value)))))
-  i = lambda c: np.asarray(c, int_dtype)
+
+  def i(c):
+    return np.asarray(c, int_dtype)
+
   field = lax.bitcast_convert_type(top, int_dtype)
   field = lax.bitwise_and(lax.shift_right_arithmetic(field, i(nmant)), i(2 * bias + 1))
   # The biased exponent of 2^-e is 2·bias - field (field = e + bias), kept normal.
