@@ -57,9 +57,7 @@ def times_pow2(value, exponent) -> jax.Array:
     _, bias, _ = _float_layout(dtype)
     first = jnp.clip(exponent, 1 - bias, bias)
     return value * _pow2(first, dtype) * _pow2(exponent - first, dtype)
-  _, bias, _ = _float_layout(dtype)
-  first = lax.clamp(np.asarray(1 - bias, dtype), exponent, np.asarray(bias, dtype))
-  return _scaled(_scaled(value, _pow2(first, dtype)), _pow2(lax.sub(exponent, first), dtype))
+  return times_factors(value, pow2_factors(exponent))
 
 
 def pow2_factors(exponent):
