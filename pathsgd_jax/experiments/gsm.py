@@ -201,7 +201,6 @@ def run_gsm(cfg: GSMConfig, log=print) -> dict:
   x_tr, y_tr = jnp.asarray(splits["train"][0]), jnp.asarray(splits["train"][1])
   evals = {s: training.EvalData.build(*splits[s], batch=1000) for s in ("val", "test")}
   steps_per_epoch = info["n_train"] // cfg.batch_size
-  chunk = training.largest_divisor_at_most(max(steps_per_epoch, 1), cfg.steps_per_call)
   results = {"command": "gsm", "config": dataclasses.asdict(cfg), "dataset": info,
              "reference_full_mnist": [{"network": n, "compression": c, "test_accuracy": a}
                                       for (n, c), a in REFERENCE.items()],
@@ -209,6 +208,10 @@ def run_gsm(cfg: GSMConfig, log=print) -> dict:
   ratios = sorted(set(cfg.compressions))
   for net_name in cfg.networks:
     apply_fn, starts = _network(net_name, cfg, info)
+    conv = net_name == "lenet5"  # unrolled chunks: see training.make_train_chunk
+    chunk = training.largest_divisor_at_most(
+        max(steps_per_epoch, 1),
+        min(cfg.steps_per_call, training.CONV_STEPS_PER_CALL) if conv else cfg.steps_per_call)
     example = x_tr[:cfg.batch_size]
     path_lr = cfg.path_lr or _matched_path_lr(apply_fn, starts["balanced"], example,
                                               y_tr[:cfg.batch_size], cfg)
@@ -225,7 +228,7 @@ def run_gsm(cfg: GSMConfig, log=print) -> dict:
       if not compressions:
         continue
       tx = _optimizer(kind, apply_fn, example, cfg)
-      chunk_fn = training.make_train_chunk(lambda p, x, _: apply_fn(p, x), tx)
+      chunk_fn = training.make_train_chunk(lambda p, x, _: apply_fn(p, x), tx, unroll=conv)
       for init_name in cfg.inits:
         for compression in compressions:
           params = jax.tree.map(jnp.copy, starts[init_name])
