@@ -1,8 +1,10 @@
 """Tiny JAX models used across the pathsgd_jax tests, with converters to/from `reference`.
 
 Everything here is written with plain ``jax.numpy``/``lax`` (plus a couple of Linen modules);
-nothing uses ``pathsgd_jax``. The conftest sets ``jax_numpy_rank_promotion='raise'``, so every
-broadcast is explicit.
+nothing uses ``pathsgd_jax``'s path code. The real-model gallery (a ResNet, the Flax MNIST
+CNN, an NNX BatchNorm CNN) is imported from the experiments' gallery, so the tests and
+``pathsgd-jax lr`` train the same plain Flax modules. The conftest sets
+``jax_numpy_rank_promotion='raise'``, so every broadcast is explicit.
 """
 
 from __future__ import annotations
@@ -248,75 +250,13 @@ def mse(apply_fn):
 # ------------------------------------------------------------------------------------------
 
 
-class ResidualBlock(nn.Module):
-    """A ResNet v1.5 basic block: conv-BN-relu-conv-BN, the last BN scale initialised to 0."""
-
-    features: int
-    strides: int = 1
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, **kw)
-        h = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False)(x)
-        h = nn.relu(norm()(h))
-        h = nn.Conv(self.features, (3, 3), use_bias=False)(h)
-        h = norm(scale_init=nn.initializers.zeros)(h)
-        if x.shape != h.shape:  # projection shortcut
-            x = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False)(x)
-            x = norm()(x)
-        return nn.relu(h + x)
-
-
-class SmallResNet(nn.Module):
-    """A ResNet v1.5 (stem, residual stages, global average pooling, dense head)."""
-
-    stage_features: tuple = (8, 16)
-    blocks_per_stage: int = 1
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        h = nn.Conv(self.stage_features[0], (3, 3), use_bias=False)(x)
-        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
-        for i, features in enumerate(self.stage_features):
-            for j in range(self.blocks_per_stage):
-                h = ResidualBlock(features, strides=2 if i > 0 and j == 0 else 1)(h, train)
-        h = jnp.mean(h, axis=(1, 2))
-        return nn.Dense(self.num_classes)(h)
-
-
-class MnistCNN(nn.Module):
-    """The shape of Flax's MNIST example CNN: two conv + average-pool stages, two dense."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.avg_pool(nn.relu(nn.Conv(16, (3, 3))(x)), (2, 2), (2, 2))
-        x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3))(x)), (2, 2), (2, 2))
-        x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(64)(x))
-        return nn.Dense(10)(x)
-
-
-def nnx_bn_cnn(rngs):
-    """An NNX CNN with BatchNorm and dropout (train mode unless ``model.eval()``)."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
-    class NNXCNN(nnx.Module):
-        def __init__(self, rngs):
-            self.conv1 = nnx.Conv(1, 8, (3, 3), use_bias=False, rngs=rngs)
-            self.bn1 = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
-            self.conv2 = nnx.Conv(8, 16, (3, 3), strides=(2, 2), use_bias=False, rngs=rngs)
-            self.bn2 = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)
-            self.drop = nnx.Dropout(0.1, rngs=rngs)
-            self.head = nnx.Linear(16, 10, rngs=rngs)
-
-        def __call__(self, x):
-            x = nnx.relu(self.bn1(self.conv1(x)))
-            x = nnx.relu(self.bn2(self.conv2(x)))
-            x = self.drop(jnp.mean(x, axis=(1, 2)))
-            return self.head(x)
-
-    return NNXCNN(rngs)
+# The gallery's models are those of `pathsgd-jax lr` (plain Flax modules, one definition).
+from pathsgd_jax.experiments.gallery import (  # noqa: E402,F401
+    MnistCNN,
+    ResidualBlock,
+    SmallResNet,
+    nnx_bn_cnn,
+)
 
 
 def digits(n, *, flat=False, seed=0):

@@ -61,7 +61,7 @@ class Problem(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- Linen models
-class _Block(nn.Module):
+class ResidualBlock(nn.Module):
   """ResNet v1.5 basic block, the last BatchNorm scale initialised to 0."""
 
   features: int
@@ -93,7 +93,7 @@ class SmallResNet(nn.Module):
     h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
     for i, features in enumerate(self.stage_features):
       for j in range(self.blocks_per_stage):
-        h = _Block(features, strides=2 if i > 0 and j == 0 else 1)(h, train)
+        h = ResidualBlock(features, strides=2 if i > 0 and j == 0 else 1)(h, train)
     return nn.Dense(self.num_classes)(jnp.mean(h, axis=(1, 2)))
 
 
@@ -151,7 +151,8 @@ def _resnet(name, key, x, train, stages, blocks):
 
 
 # ------------------------------------------------------------------------------ NNX model
-def _nnx_cnn(name, key, x):
+def nnx_bn_cnn(rngs):
+  """An NNX CNN with BatchNorm and dropout (train mode unless ``model.eval()``)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   class NNXCNN(nnx.Module):
@@ -168,7 +169,13 @@ def _nnx_cnn(name, key, x):
       x = nnx.relu(self.bn2(self.conv2(x)))
       return self.head(self.drop(jnp.mean(x, axis=(1, 2))))
 
-  model = NNXCNN(nnx.Rngs(int(jax.random.randint(key, (), 0, 2**31 - 1))))
+  return NNXCNN(rngs)
+
+
+def _nnx_cnn(name, key, x):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  model = nnx_bn_cnn(nnx.Rngs(int(jax.random.randint(key, (), 0, 2**31 - 1))))
   fn = psgd.nnx.apply_fn(model, batch_statistics=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
