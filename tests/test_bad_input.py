@@ -11,7 +11,6 @@ thresholds, data-dependent control flow and stochastic layers.
 from __future__ import annotations
 
 import math
-import re
 
 import flax.linen as nn
 import jax
@@ -20,26 +19,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from markers import Markers, first_quoted
 
 import pathsgd_jax as psgd
 from pathsgd_jax import PathNetworkError, UnsupportedOperationError
 
-THIS_FILE = "test_bad_input.py"
-# Marker comments `# @name` on the lines whose operation an error message must point at.
-MARKED_LINES = {m.group(1): number for number, line in enumerate(open(__file__, encoding="utf-8"), 1)
-                for m in [re.search(r"# @(\w+)$", line)] if m}
-
-
-def first_quoted(msg):
-    """The first backquoted name of a message (the primitive it reports)."""
-    found = re.search(r"`([^`]+)`", msg)
-    return found and found.group(1)
-
-
-def assert_points_at(msg, marker):
-    """The message holds `test_bad_input.py:<line of the marker>` (not a longer number)."""
-    where = f"{THIS_FILE}:{MARKED_LINES[marker]}"
-    assert re.search(re.escape(where) + r"(?!\d)", msg), (where, msg)
+MARKS = Markers(__file__)
+assert_points_at = MARKS.assert_points_at
 X = jnp.ones((4, 3), jnp.float32)
 
 

@@ -3,31 +3,20 @@
 Each test marks the offending line with a `# @name` comment and asserts `file:line` of it.
 """
 
-import inspect
-import re
-
 import jax
 import jax.numpy as jnp
 import pytest
+from markers import Markers
 
 import pathsgd_jax as psgd
 
-THIS_FILE = __file__.rsplit("/", 1)[-1]
-
-
-def _line(marker):
-    source = inspect.getsource(inspect.getmodule(_line)).splitlines()
-    return next(i for i, text in enumerate(source, 1) if text.rstrip().endswith(f"# @{marker}"))
+MARKS = Markers(__file__)
 
 
 def _message(fn, params, x=None, error=psgd.UnsupportedOperationError):
     with pytest.raises(error) as info:
         psgd.path_scales(fn, params, jnp.ones((2, 3)) if x is None else x)
     return str(info.value)
-
-
-def _at(marker):
-    return re.compile(rf"{re.escape(THIS_FILE)}:{_line(marker)}(?!\d)")
 
 
 PARAMS = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
@@ -54,7 +43,7 @@ def test_gelu_is_named_as_gelu_with_the_fix():
     msg = _message(_gelu_net, PARAMS)
     assert msg.startswith("The path network cannot contain `integer_pow` (x³, the cube in the "
                           "tanh approximation of jax.nn.gelu)"), msg
-    assert _at("gelu").search(msg), msg
+    assert MARKS.pattern("gelu").search(msg), msg
     assert "use ReLU or leaky ReLU" in msg and "mask=" not in msg and "LayerNorm" not in msg
 
 
@@ -62,7 +51,7 @@ def test_log_softmax_says_to_move_it_into_the_loss():
     """Was: "max(x, c) with c != 0 is not positively homogeneous" and nothing else."""
     msg = _message(_log_softmax_net, PARAMS)
     assert "inside jax.nn.log_softmax" in msg and "put log_softmax in the loss" in msg, msg
-    assert _at("log_softmax").search(msg), msg
+    assert MARKS.pattern("log_softmax").search(msg), msg
     assert "mask=" not in msg
 
 
@@ -73,12 +62,12 @@ def test_every_unsupported_operation_in_one_error():
     entries = msg.split("\n")[1:]
     assert len(entries) == 3, entries
     assert entries[0].startswith("1. The path network cannot contain `tanh`"), entries[0]
-    assert _at("tanh").search(entries[0]) and "use ReLU" in entries[0]
+    assert MARKS.pattern("tanh").search(entries[0]) and "use ReLU" in entries[0]
     # The first operation of the RMS normalisation's line: the square of the activation.
     assert entries[1].startswith("2. The path network cannot contain `mul` (a product of two "
                                  "activations (attention, gating, a variance))"), entries[1]
-    assert _at("rms").search(entries[1]), entries[1]
-    assert _at("softmax_again").search(entries[2]) and "in the loss" in entries[2]
+    assert MARKS.pattern("rms").search(entries[1]), entries[1]
+    assert MARKS.pattern("softmax_again").search(entries[2]) and "in the loss" in entries[2]
     assert all("mask=" not in entry for entry in entries), entries
 
 
@@ -91,7 +80,7 @@ def test_mask_advice_only_for_parameters():
     """`mask=` helps where a parameter is used non-monomially (weight normalisation), not for
     operations on activations (the tests above)."""
     msg = _message(_weight_normalised, PARAMS)
-    assert "mask=" in msg and _at("weight_norm").search(msg), msg
+    assert "mask=" in msg and MARKS.pattern("weight_norm").search(msg), msg
 
 
 def _padding_mask(p, x):
@@ -107,7 +96,7 @@ def test_padding_mask_is_named_as_a_comparison_of_integers():
     assert msg.startswith("The path network cannot contain `gt` (a comparison of input-derived "
                           "integers: a padding mask, or the index arithmetic of an embedding "
                           "lookup"), msg
-    assert _at("padding_mask").search(msg), msg
+    assert MARKS.pattern("padding_mask").search(msg), msg
 
 
 def test_trace_failure_puts_the_cause_first_and_keeps_the_params_short():

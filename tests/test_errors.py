@@ -4,37 +4,23 @@ Every operation below (unless it lives inside a Flax module) is written in this 
 error message must point at this file.
 """
 
-import re
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import models_zoo as mz
 import numpy as np
 import optax
 import pytest
+import reference as ref
+from markers import Markers, first_quoted
 
-import models_zoo as mz
 import pathsgd_jax
 import pathsgd_jax.linen as pj_linen
-import reference as ref
 
-THIS_FILE = "test_errors.py"
-# Marker comments `# @name` on the lines whose operation an error message must point at.
-MARKED_LINES = {m.group(1): number for number, line in enumerate(open(__file__, encoding="utf-8"), 1)
-                for m in [re.search(r"# @(\w+)$", line)] if m}
-
-
-def first_quoted(msg):
-    """The first backquoted name of a message (the primitive it reports)."""
-    found = re.search(r"`([^`]+)`", msg)
-    return found and found.group(1)
-
-
-def assert_points_at(msg, marker):
-    """The message holds `test_errors.py:<line of the marker>` (not a longer number)."""
-    where = f"{THIS_FILE}:{MARKED_LINES[marker]}"
-    assert re.search(re.escape(where) + r"(?!\d)", msg), (where, msg)
+MARKS = Markers(__file__)
+assert_points_at = MARKS.assert_points_at
 
 
 def _params(seed=0, d_in=3, d_h=4, d_out=2):
