@@ -3,8 +3,9 @@
 The train step of one optimizer is compiled once (ahead of time, per input shapes) and scans
 over a *chunk* of mini-batches per call: the data set lives on the device, each call receives
 a ``(steps, batch)`` block of example indices, gathers the batches inside the compiled code and
-runs ``steps`` optimizer steps with :func:`jax.lax.scan`. Python is entered once per chunk,
-which is also when the progress bar updates and divergence is checked.
+runs ``steps`` optimizer steps with :func:`jax.lax.scan` (or unrolled, for convolutional
+networks on the CPU: see :func:`make_train_chunk`). Python is entered once per chunk, which is
+also when the progress bar updates and divergence is checked.
 
 The learning rate is a traced argument (the optimizers are built at unit learning rate, see
 :mod:`pathsgd_jax.experiments.optimizers`), so the whole learning-rate grid of an optimizer
