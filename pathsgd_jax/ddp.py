@@ -85,7 +85,7 @@ from jax import lax
 from pathsgd_jax import _recorder
 from pathsgd_jax._errors import PathNetworkError, UnsupportedOperationError
 from pathsgd_jax._interpreter import PathInterpreter
-from pathsgd_jax._numerics import times_pow2
+from pathsgd_jax._numerics import normalised, times_pow2
 from pathsgd_jax._pathnet import PathNetwork
 from pathsgd_jax._scales import ApplyFn, _log_mantissa
 from pathsgd_jax._transform import _check_number, _safe_divide
@@ -129,39 +129,86 @@ class _DDPSiteFinder(_recorder._SiteFinder):  # pylint: disable=protected-access
     return super().activation(eqn, val, role)
 
 
-class _DDPInterpreter(PathInterpreter):
-  """The path network with a data-dependent rule at every ReLU (see the module docstring).
+class _ComplexityInterpreter(PathInterpreter):
+  """The batch-1 path network with γ² mixed in at every ReLU (see the module docstring).
 
-  ``keys`` maps the `_recorder.site_key` of each ReLU of the jaxpr being run to the key
-  that ``data``, ``eps`` and ``beta`` use (those of the batch-1 trace). Modes:
-  ``"complexity"`` replaces the path value P_v of a unit by (1−α)·P_v + α·E_B[z_v²] + ε_v
-  (ε = 0, differentiated for β); ``"gated"`` (on the batch) gives a unit the value h_v²
-  forward and the slope g_v² backward, and injects β_v·Y_v.
+  ``keys`` maps the `_recorder.site_key` of each ReLU to the key of ``data`` and ``eps``:
+  a unit's path value P_v becomes (1−α)·P_v + α·E_B[z_v²] + ε_v (ε = 0, differentiated
+  for β).
   """
 
-  def __init__(self, *args, keys, mode, alpha=0.0, data=None, eps=None, beta=None, **kwargs):
+  def __init__(self, *args, keys, alpha, data, eps, **kwargs):
     super().__init__(*args, **kwargs)
-    self.keys, self.mode, self.alpha = keys, mode, alpha
-    self.data, self.eps, self.beta = data, eps, beta
-    self.injected = jnp.zeros((), self.dtype)
+    self.keys, self.alpha, self.data, self.eps = keys, alpha, data, eps
 
   def activation(self, eqn, val, role):
-    key = self.keys.get(_recorder.site_key(self, eqn))
-    if key is None:
-      raise PathNetworkError("apply_fn traces to a different program at the batch size of "
-                             "`inputs`; DDP-SGD cannot match its ReLUs.")
+    key = _site(self, eqn)
     self.note(eqn, "relu (ddp)", val.value, [])
     val = self.flush(val)
-    data, log_scale = self.data[key], val.log_scale
-    if self.mode == "complexity":
-      source = self.alpha * data["second_moment"] + self.eps[key]
-      value = (1 - self.alpha) * val.value + times_pow2(source, -log_scale)
-      value, log_scale = self.normalise(value, log_scale)
-    else:  # gated
-      moving = val.value - lax.stop_gradient(val.value)
-      self.injected = self.injected + jnp.sum(self.beta[key] * times_pow2(moving, log_scale))
-      value = times_pow2(data["h2"], -log_scale) + data["g2"] * moving
+    source = self.alpha * self.data[key]["second_moment"] + self.eps[key]
+    value = (1 - self.alpha) * val.value + times_pow2(source, -val.log_scale)
+    value, log_scale = self.normalise(value, val.log_scale)
     return dataclasses.replace(val, value=value, log_scale=log_scale)
+
+
+class _GatedInterpreter(PathInterpreter):
+  """The path network on the batch as the backward recursion S_v = β_v + g_v² Σ_c w_vc² S_c.
+
+  Every ReLU's output is the real h² (in units of 2^e, e from the unit's E_B[z²]), so the
+  path values feeding a ReLU are never used: `_gate` returns h² without reading them and
+  its backward is the recursion, and nothing is renormalised by its values (`normalise`),
+  so XLA drops this pass's forward products and runs only the backward ones (the S
+  recursion and the outer products E_B[h_u² S_v] that are κ's data term).
+  """
+
+  def __init__(self, *args, keys, data, beta, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.keys, self.data, self.beta = keys, data, beta
+
+  def normalise(self, value, log_scale):
+    # h² and S are those of the real network (each ReLU's scale e comes from its data):
+    # renormalising would read the path values, i.e. compute the forward pass.
+    return value, log_scale
+
+  def activation(self, eqn, val, role):
+    key = _site(self, eqn)
+    self.note(eqn, "relu (ddp, gated)", val.value, [])
+    val = self.flush(val)
+    data, log_scale = self.data[key], jnp.asarray(val.log_scale, self.dtype)
+    value = _gate(val.value, data["h2"], data["g2"], self.beta[key], log_scale,
+                  data["exponent"])
+    return dataclasses.replace(val, value=value, log_scale=data["exponent"])
+
+
+def _site(interp, eqn):
+  key = interp.keys.get(_recorder.site_key(interp, eqn))
+  if key is None:
+    raise PathNetworkError("apply_fn traces to a different program at the batch size of "
+                           "`inputs`; DDP-SGD cannot match its ReLUs.")
+  return key
+
+
+@jax.custom_vjp
+def _gate(path_value, h2, g2, beta, log_scale, exponent):
+  """A ReLU of the gated pass: h² (·2^-e) forward, whatever the path value; backward
+  (in the units of the path value, 2^log_scale) the recursion's β_v + g_v²·S_out."""
+  del path_value, g2, beta, log_scale
+  return h2
+
+
+def _gate_fwd(path_value, h2, g2, beta, log_scale, exponent):
+  del path_value
+  return h2, (g2, beta, log_scale, exponent)
+
+
+def _gate_bwd(residuals, cotangent):
+  g2, beta, log_scale, exponent = residuals
+  # cotangent = S_out·2^e; the path value's cotangent is S_v·2^log_scale.
+  moved = times_pow2(g2 * cotangent, log_scale - exponent) + times_pow2(beta, log_scale)
+  return (moved, None, None, None, None, None)
+
+
+_gate.defvjp(_gate_fwd, _gate_bwd)
 
 
 def _record(batched, args, sites, batched_sites):
@@ -180,13 +227,18 @@ def _record(batched, args, sites, batched_sites):
 
 
 def _statistics(found, dtype):
-  """Per ReLU site: E_B[z²] (batch axis kept, size 1), h² and the squared slope g²."""
+  """Per ReLU site: E_B[z²] (batch axis kept, size 1), the exponent e of its largest entry,
+  h²·2^-e and the squared slope g²."""
   data = {}
   for key, (z, a) in found.items():
     z, a = (lax.stop_gradient(jnp.asarray(t, dtype)) for t in (z, a))
     slope = jnp.where(z != 0, a / jnp.where(z != 0, z, 1), 0)
-    data[key] = {"second_moment": jnp.mean(z * z, axis=0, keepdims=True), "h2": a * a,
-                 "g2": slope * slope}
+    second_moment = jnp.mean(z * z, axis=0, keepdims=True)
+    # A power of two from the batch-1-sized moment, not from the batch: it keeps h² and S
+    # of order one through the gated pass under any rescaling of the units.
+    _, exponent = normalised(second_moment)
+    data[key] = {"second_moment": second_moment, "exponent": exponent,
+                 "h2": times_pow2(a * a, -exponent), "g2": slope * slope}
   return data
 
 
@@ -236,8 +288,8 @@ def compute_ddp_scales(net: PathNetwork, params, inputs, alpha: float) -> list[j
     eps = {key: jnp.zeros_like(d["second_moment"]) for key, d in data.items()}
 
     def log_mantissa(deltas, eps):
-      interp = _DDPInterpreter(keys=own_keys, mode="complexity", alpha=alpha,
-                               data=data, eps=eps, **kwargs)
+      interp = _ComplexityInterpreter(keys=own_keys, alpha=alpha, data=data, eps=eps,
+                                      **kwargs)
       return _log_mantissa(*net.path_sum(weights, constants, interp, deltas=deltas,
                                          inputs=inputs))
 
@@ -255,15 +307,14 @@ def compute_ddp_scales(net: PathNetwork, params, inputs, alpha: float) -> list[j
     bnet._shiftable = frozenset()  # pylint: disable=protected-access
     batch = np.shape(input_leaves[0])[0]
 
-    def injected_sum(deltas):
-      interp = _DDPInterpreter(keys=batch_keys, mode="gated", data=data, beta=beta,
-                               **kwargs)
+    def gated_sum(deltas):
+      interp = _GatedInterpreter(keys=batch_keys, data=data, beta=beta, **kwargs)
       mantissa, exponent, _ = bnet.path_sum(
           weights, constants, interp, deltas=deltas, inputs=inputs,
           sources=[jnp.square(jnp.asarray(x, dtype)) for x in input_leaves])
-      return times_pow2(mantissa, exponent) + interp.injected
+      return times_pow2(mantissa, exponent)
 
-    data_term = jax.grad(injected_sum)([jnp.zeros_like(w, dtype=dtype) for w in weights])
+    data_term = jax.grad(gated_sum)([jnp.zeros_like(w, dtype=dtype) for w in weights])
     kappa = [k + (alpha / batch) * g for k, g in zip(kappa, data_term)]
   out, it = [], iter(kappa)
   for x, inc in zip(leaves, net.included):
