@@ -16,8 +16,7 @@
 Mutations caught (on a scratch copy): tracing the path network on the whole example batch
 (``_tracing`` keeping ``shape[0]``) fails the two batch tests; forming |W|^p in full
 (``_rules._contraction`` without the powered matrix–vector kernel) fails the standalone-κ
-memory test (and the flops test). The step-memory test is a strict xfail: the step keeps
-about two extra weight-sized buffers today (see its reason).
+memory test (and the flops test).
 """
 
 import math
@@ -82,10 +81,6 @@ def compiled_steps():
         ("path_sgd", psgd.path_sgd(0.01, _mlp, _example(100), momentum=0.9)))}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the path_sgd step keeps about two extra weight-sized buffers per large dense layer: "
-    "temp 57.1 MB against SGD's 24.0 MB at 784-2048-2048-10 (205.3 MB against 78.2 MB at "
-    "the paper's 784-4000-4000-10), where the README's bench table says 1.00x"))
 def test_path_sgd_step_temporaries_are_those_of_sgd(compiled_steps):
     sgd = compiled_steps["sgd"].memory_analysis()
     path = compiled_steps["path_sgd"].memory_analysis()
@@ -95,9 +90,10 @@ def test_path_sgd_step_temporaries_are_those_of_sgd(compiled_steps):
     assert big > 0.1 * sgd.temp_size_in_bytes, (big, sgd.temp_size_in_bytes)
     assert path.temp_size_in_bytes <= 1.05 * sgd.temp_size_in_bytes + 64 * 1024, (
         path.temp_size_in_bytes, sgd.temp_size_in_bytes)
-    # Same inputs and outputs (no optimizer state beyond the momentum trace).
-    assert path.argument_size_in_bytes == sgd.argument_size_in_bytes
-    assert path.output_size_in_bytes == sgd.output_size_in_bytes
+    # Same inputs and outputs but for path_sgd's step counter (refresh_every): no
+    # weight-sized optimizer state beyond the momentum trace.
+    assert 0 <= path.argument_size_in_bytes - sgd.argument_size_in_bytes <= 16
+    assert 0 <= path.output_size_in_bytes - sgd.output_size_in_bytes <= 16
 
 
 def test_standalone_kappa_stores_no_powered_weight_matrix():
