@@ -52,10 +52,17 @@ identity: there DDP-SGD at α = 1 is a data-dependent diagonal metric, not the F
 **Cost and implementation.** One batch-1 forward/backward pass of the path network (with
 γ² mixed at every ReLU through a `PathInterpreter` subclass: the first term and β), one
 forward pass of the real network on the batch that records each ReLU's input and output
-(:math:`\mathbb E_B[z_v^2]`, h², g²), and one forward/backward pass of the path network on
-the batch with the real h² as node values and the gates g² in the backward (the second
-term). α = 0 skips the last two; α = 1 skips the first. Train-mode BatchNorm is folded at
-the batch's statistics as in Path-SGD (`inputs=`). Networks with a ReLU inside a
+(:math:`\mathbb E_B[z_v^2]`, h², g²), and the backward pass of the path network on the batch
+(the second term): its ReLUs output the real h², so XLA drops its forward products and runs
+only the recursion S_v and the products :math:`\mathbb E_B[h_u^2 S_v]`, one more backward
+pass of the network. Inside a jitted train step the recording is the step's own forward
+pass (XLA merges the two). The gated pass is not renormalised by powers of two (that would
+read its forward values): its values are real, h² and :math:`S_v \le (d+1)\,β_v/(1-α)^d`
+(d layers between v and the outputs; :math:`S_v ≈ \sum_o (∂f_o/∂z_v)^2` at α = 1), plain
+floats like the h² and β they come from. Measured on the CPU (``pathsgd-jax bench
+--ddp-alphas``, README): a DDP-SGD step costs 1.5–1.6× SGD's on an MLP and 1.5–1.8× on a
+small CNN. α = 0 skips the last two passes; α = 1 skips the first. Train-mode BatchNorm is
+folded at the batch's statistics as in Path-SGD (`inputs=`). Networks with a ReLU inside a
 ``lax.scan`` or ``lax.cond`` (RNNs) are not supported.
 
 **DDP-Normalization** is :class:`DDPDense` (Linen) / :class:`DDPLinear` (NNX): a dense layer
@@ -145,7 +152,9 @@ class _ComplexityInterpreter(PathInterpreter):
     key = _site(self, eqn)
     self.note(eqn, "relu (ddp)", val.value, [])
     val = self.flush(val)
-    source = self.alpha * self.data[key]["second_moment"] + self.eps[key]
+    source = self.eps[key]
+    if self.alpha:  # at α = 0 no batch was recorded
+      source = source + self.alpha * self.data[key]["second_moment"]
     value = (1 - self.alpha) * val.value + times_pow2(source, -val.log_scale)
     value, log_scale = self.normalise(value, val.log_scale)
     return dataclasses.replace(val, value=value, log_scale=log_scale)
@@ -166,8 +175,7 @@ class _GatedInterpreter(PathInterpreter):
 
   def normalise(self, value, log_scale):
     # Renormalising would read the path values, i.e. compute the forward pass. The values
-    # that are used are real ones (h², and S ≤ β/(1−α)^depth, or S ~ Σ_o (∂f_o/∂z_v)² at
-    # α = 1), plain floats like the h² and β they come from.
+    # used are real ones, h² and S (bounded by β, see the module docstring).
     return value, log_scale
 
   def activation(self, eqn, val, role):
@@ -274,55 +282,67 @@ def compute_ddp_scales(net: PathNetwork, params, inputs, alpha: float) -> list[j
   finder = _DDPSiteFinder(dtype, net.leaf_names, net.p)
   jax.eval_shape(lambda w: net.path_sum(w, constants, finder, inputs=inputs)[0], weights)
   sites = [s for s in finder.sites.values() if s.kind == "relu"]
-  struct = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), inputs)
-  batched = net._batched_trace(struct)  # pylint: disable=protected-access
-  batched_sites = _recorder.translate(sites, net.closed_jaxpr, batched)
-  if (len(batched.jaxpr.eqns) != len(net.closed_jaxpr.jaxpr.eqns)
-      or batched_sites is None):
-    raise PathNetworkError("apply_fn traces to a different program at the batch size of "
-                           "`inputs`; DDP-SGD cannot match its ReLUs.")
-  found = _record(batched, leaves + input_leaves, sites, batched_sites)
-  data = _statistics(found, dtype)
-  own_keys = {s.key: s.key for s in sites}
-  batch_keys = {b.key: s.key for s, b in zip(sites, batched_sites)}
+  # α = 0 reads nothing of the batch: no recording (0·E_B[z²] would still be computed).
+  batch = _Batch(net, sites, leaves + input_leaves, inputs) if alpha > 0 else None
   kappa = [jnp.zeros(jnp.shape(w), dtype) for w in weights]
-  beta = None
+  zeros = {s.key: jnp.zeros(s.eqn.invars[s.operand].aval.shape, dtype) for s in sites}
+  beta = zeros  # α = 1: no path term
   if alpha < 1:
-    eps = {key: jnp.zeros_like(d["second_moment"]) for key, d in data.items()}
 
     def log_mantissa(deltas, eps):
-      interp = _ComplexityInterpreter(keys=own_keys, alpha=alpha, data=data, eps=eps,
-                                      **kwargs)
+      interp = _ComplexityInterpreter(keys={s.key: s.key for s in sites}, alpha=alpha,
+                                      data=batch.data if batch else None, eps=eps, **kwargs)
       return _log_mantissa(*net.path_sum(weights, constants, interp, deltas=deltas,
                                          inputs=inputs))
 
     deltas = [jnp.zeros_like(w, dtype=dtype) for w in weights]
     (_, (mantissa, exponent, gradient_exponents)), (d_weights, d_eps) = jax.value_and_grad(
-        log_mantissa, argnums=(0, 1), has_aux=True)(deltas, eps)
+        log_mantissa, argnums=(0, 1), has_aux=True)(deltas, zeros)
     kappa = [(1 - alpha) * times_pow2(g * mantissa, ge + exponent)
              for g, ge in zip(d_weights, gradient_exponents)]
     beta = {key: (1 - alpha) * times_pow2(g * mantissa, exponent) for key, g in d_eps.items()}
   if alpha > 0:
-    if beta is None:
-      beta = {key: jnp.zeros_like(d["second_moment"]) for key, d in data.items()}
-    bnet = copy.copy(net)
-    bnet.closed_jaxpr, bnet.input_struct = batched, struct
-    bnet._shiftable = frozenset()  # pylint: disable=protected-access
-    batch = np.shape(input_leaves[0])[0]
-
-    def gated_sum(deltas):
-      interp = _GatedInterpreter(keys=batch_keys, data=data, beta=beta, **kwargs)
-      mantissa, exponent, _ = bnet.path_sum(
-          weights, constants, interp, deltas=deltas, inputs=inputs,
-          sources=[jnp.square(jnp.asarray(x, dtype)) for x in input_leaves])
-      return times_pow2(mantissa, exponent)
-
-    data_term = jax.grad(gated_sum)([jnp.zeros_like(w, dtype=dtype) for w in weights])
-    kappa = [k + (alpha / batch) * g for k, g in zip(kappa, data_term)]
+    data_term = batch.data_term(weights, constants, beta, kwargs)
+    kappa = [k + (alpha / batch.size) * g for k, g in zip(kappa, data_term)]
   out, it = [], iter(kappa)
   for x, inc in zip(leaves, net.included):
     out.append(next(it) if inc else jnp.ones(jnp.shape(x), dtype))
   return out
+
+
+class _Batch:
+  """The network traced at the batch's shape, its ReLUs' statistics on the batch (``data``)
+  and the gated pass that gives κ's data term."""
+
+  def __init__(self, net, sites, args, inputs):
+    struct = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+                          inputs)
+    batched = net._batched_trace(struct)  # pylint: disable=protected-access
+    batched_sites = _recorder.translate(sites, net.closed_jaxpr, batched)
+    if (len(batched.jaxpr.eqns) != len(net.closed_jaxpr.jaxpr.eqns)
+        or batched_sites is None):
+      raise PathNetworkError("apply_fn traces to a different program at the batch size of "
+                             "`inputs`; DDP-SGD cannot match its ReLUs.")
+    self.data = _statistics(_record(batched, args, sites, batched_sites), net.dtype)
+    self.keys = {b.key: s.key for s, b in zip(sites, batched_sites)}
+    self.net = copy.copy(net)
+    self.net.closed_jaxpr, self.net.input_struct = batched, struct
+    self.net._shiftable = frozenset()  # pylint: disable=protected-access
+    self.inputs = inputs
+    self.size = np.shape(jax.tree.leaves(inputs)[0])[0]
+
+  def data_term(self, weights, constants, beta, kwargs):
+    """Σ_B h_u² S_v per edge: the gradient of the gated pass (`_GatedInterpreter`)."""
+    dtype = self.net.dtype
+    sources = [jnp.square(jnp.asarray(x, dtype)) for x in jax.tree.leaves(self.inputs)]
+
+    def gated_sum(deltas):
+      interp = _GatedInterpreter(keys=self.keys, data=self.data, beta=beta, **kwargs)
+      mantissa, exponent, _ = self.net.path_sum(weights, constants, interp, deltas=deltas,
+                                                inputs=self.inputs, sources=sources)
+      return times_pow2(mantissa, exponent)
+
+    return jax.grad(gated_sum)([jnp.zeros_like(w, dtype=dtype) for w in weights])
 
 
 def ddp_scales(apply_fn: ApplyFn, params, inputs, *, alpha: float, mask=None):
