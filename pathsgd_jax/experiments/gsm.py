@@ -208,10 +208,8 @@ def run_gsm(cfg: GSMConfig, log=print) -> dict:
   ratios = sorted(set(cfg.compressions))
   for net_name in cfg.networks:
     apply_fn, starts = _network(net_name, cfg, info)
-    conv = net_name == "lenet5"  # unrolled chunks: see training.make_train_chunk
-    chunk = training.largest_divisor_at_most(
-        max(steps_per_epoch, 1),
-        min(cfg.steps_per_call, training.CONV_STEPS_PER_CALL) if conv else cfg.steps_per_call)
+    conv = net_name == "lenet5"
+    chunk = training.chunk_steps(steps_per_epoch, cfg.steps_per_call, convolutional=conv)
     example = x_tr[:cfg.batch_size]
     path_lr = cfg.path_lr or _matched_path_lr(apply_fn, starts["balanced"], example,
                                               y_tr[:cfg.batch_size], cfg)
@@ -228,7 +226,7 @@ def run_gsm(cfg: GSMConfig, log=print) -> dict:
       if not compressions:
         continue
       tx = _optimizer(kind, apply_fn, example, cfg)
-      chunk_fn = training.make_train_chunk(lambda p, x, _: apply_fn(p, x), tx, unroll=conv)
+      chunk_fn = training.make_train_chunk(lambda p, x, _: apply_fn(p, x), tx, convolutional=conv)
       for init_name in cfg.inits:
         for compression in compressions:
           params = jax.tree.map(jnp.copy, starts[init_name])

@@ -3,8 +3,8 @@
 The train step of one optimizer is compiled once (ahead of time, per input shapes) and scans
 over a *chunk* of mini-batches per call: the data set lives on the device, each call receives
 a ``(steps, batch)`` block of example indices, gathers the batches inside the compiled code and
-runs ``steps`` optimizer steps with :func:`jax.lax.scan` (or unrolled, for convolutional
-networks on the CPU: see :func:`make_train_chunk`). Python is entered once per chunk, which is
+runs ``steps`` optimizer steps with :func:`jax.lax.scan` (unrolled, for convolutional networks
+on the CPU: see :func:`make_train_chunk`). Python is entered once per chunk, which is
 also when the progress bar updates and divergence is checked.
 
 The learning rate is a traced argument (the optimizers are built at unit learning rate, see
@@ -29,8 +29,8 @@ from jax import lax
 
 from pathsgd_jax.experiments import common
 
-# Steps per call of an unrolled chunk (``make_train_chunk(..., unroll=True)``).
-CONV_STEPS_PER_CALL = 2
+# Steps per call of an unrolled chunk (see `make_train_chunk`).
+_UNROLLED_STEPS_PER_CALL = 2
 
 ApplyTrain = Callable[..., jax.Array]  # apply(params, x, key) -> logits, may use dropout.
 ApplyEval = Callable[[Any, jax.Array], jax.Array]  # deterministic apply(params, x) -> logits.
@@ -50,8 +50,21 @@ def largest_divisor_at_most(n: int, cap: int) -> int:
   return 1
 
 
+def _unrolled(convolutional: bool) -> bool:
+  return convolutional and jax.default_backend() == "cpu"
+
+
+def chunk_steps(steps_per_epoch: int, steps_per_call: int, *,
+                convolutional: bool = False) -> int:
+  """Steps per call of `make_train_chunk`: a divisor of the epoch, at most ``steps_per_call``
+  (and short where the chunk is unrolled)."""
+  if _unrolled(convolutional):
+    steps_per_call = min(steps_per_call, _UNROLLED_STEPS_PER_CALL)
+  return largest_divisor_at_most(max(steps_per_epoch, 1), steps_per_call)
+
+
 def make_train_chunk(apply_train: ApplyTrain, tx: optax.GradientTransformation, *,
-                     unroll: bool = False) -> Callable:
+                     convolutional: bool = False) -> Callable:
   """A jitted ``chunk(params, opt_state, lr, key, x_all, y_all, idx, steps)``.
 
   Runs ``idx.shape[0]`` optimizer steps; step ``s`` uses the batch ``x_all[idx[s]]`` and the
@@ -59,11 +72,11 @@ def make_train_chunk(apply_train: ApplyTrain, tx: optax.GradientTransformation, 
   mini-batch training losses (as seen by the step, i.e. with dropout if any). ``params`` and
   ``opt_state`` are donated.
 
-  ``unroll=True`` runs the steps as straight-line code instead of a scan, for convolutional
-  networks on the CPU: XLA:CPU runs convolutions inside a while loop several times slower than
-  outside one (jax-ml/jax#12868; a LeNet-5 step at batch 256 on 2 cores takes 0.95 s in a scan
-  and 0.14 s unrolled). Compile time grows with the chunk, so pair it with short chunks
-  (:data:`CONV_STEPS_PER_CALL`).
+  ``convolutional=True`` on the CPU runs the steps as straight-line code instead of a scan:
+  XLA:CPU runs convolutions inside a while loop several times slower than outside one
+  (jax-ml/jax#12868; a LeNet-5 step at batch 256 on 2 cores takes 0.95 s in a scan and
+  0.14 s unrolled). Compile time grows with the chunk, so size chunks with `chunk_steps`
+  (same flag). Other backends scan.
   """
 
   def loss_fn(params, x, y, key):
@@ -80,7 +93,7 @@ def make_train_chunk(apply_train: ApplyTrain, tx: optax.GradientTransformation, 
       updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
       return (optax.apply_updates(params, updates), opt_state), loss
 
-    if not unroll:
+    if not _unrolled(convolutional):
       (params, opt_state), losses = lax.scan(body, (params, opt_state), (idx, steps))
       return params, opt_state, losses
     carry, losses = (params, opt_state), []
