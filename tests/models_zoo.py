@@ -16,6 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The gallery's models are those of `pathsgd-jax lr` (plain Flax modules, one definition).
+from pathsgd_jax.experiments.gallery import (  # noqa: F401
+    MnistCNN,
+    ResidualBlock,
+    SmallResNet,
+    nnx_bn_cnn,
+)
+
 # ------------------------------------------------------------------------------------------
 # MLP: params = [{"w": (n_in, n_out), "b": (n_out,)}, ...] ("b" optional per layer).
 # ------------------------------------------------------------------------------------------
@@ -248,15 +256,6 @@ def mse(apply_fn):
 # ------------------------------------------------------------------------------------------
 # The real-model gallery: small versions, written here, of the models people train.
 # ------------------------------------------------------------------------------------------
-
-
-# The gallery's models are those of `pathsgd-jax lr` (plain Flax modules, one definition).
-from pathsgd_jax.experiments.gallery import (  # noqa: E402,F401
-    MnistCNN,
-    ResidualBlock,
-    SmallResNet,
-    nnx_bn_cnn,
-)
 
 
 def digits(n, *, flat=False, seed=0):
