@@ -122,6 +122,78 @@ def _check_refresh(refresh_every):
   return refresh_every
 
 
+def _rate_at(learning_rate, count):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+class _Directions(NamedTuple):
+  """One step's path-normalised directions u = g/κ, with what the trust region needs."""
+
+  directions: list
+  kappa: list
+  weights: list
+  heads: list
+  treedef: Any
+
+  def clip(self, leaves, learning_rate, limit) -> list:
+    """``leaves`` (a step like the directions) scaled into the trust region at η."""
+    return _trust_region(leaves, self.kappa, self.weights, self.heads, learning_rate, limit)
+
+  def unflatten(self, leaves):
+    return self.treedef.unflatten(list(leaves))
+
+
+def _path_directions(apply_fn, example_input, *, p, mask, refresh_every, normalize):
+  """``init_fn`` and ``directions_of(updates, state, params, inputs)`` of scale_by_path_norm:
+  the directions g/κ (κ refreshed every ``refresh_every`` steps) and the new state, shared by
+  :func:`scale_by_path_norm` and :func:`path_sgd` (which bounds the step after momentum)."""
+  p = check_p(p)
+  refresh_every = _check_refresh(refresh_every)
+  if not callable(apply_fn):
+    raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
+  groups = {}  # static, from the trace: leaf -> group head (None for excluded leaves)
+
+  def scales_of(params, inputs) -> list:
+    net = PathNetwork(apply_fn, params, example_input, p, mask)
+    scales = compute_scales(net, params, normalize=normalize, inputs=inputs)
+    groups["heads"] = [g if inc else None for g, inc in zip(scales.groups, net.included)]
+    return scales.kappa
+
+  def init_fn(params):
+    count = jnp.zeros([], jnp.int32)
+    if refresh_every == 1:
+      return ScaleByPathNormState(count, kappa=None)
+    # Shapes only: the first update refreshes κ (count 0), so init never runs the network
+    # and works on abstract params.
+    kappa = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=_compute_dtype()), params)
+    return ScaleByPathNormState(count, kappa)
+
+  def directions_of(updates, state, params, inputs):
+    if params is None:
+      raise ValueError(_NO_PARAMS)
+    if state.kappa is None:  # refresh_every == 1, decided when the state was made
+      kappa = scales_of(params, inputs)
+      cached = None
+    else:
+      cached_structure = jax.tree.structure(state.kappa)
+
+      def refresh(params):
+        kappa = map(_like, scales_of(params, inputs), jax.tree.leaves(state.kappa))
+        return cached_structure.unflatten(list(kappa))
+
+      cached = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda _: state.kappa,
+                            params)
+      kappa = jax.tree.leaves(cached)
+    treedef = jax.tree.structure(updates)
+    directions = list(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
+    step = _Directions(directions, kappa, treedef.flatten_up_to(params), groups["heads"],
+                       treedef)
+    count = optax.safe_int32_increment(state.count)
+    return step, ScaleByPathNormState(count, cached)
+
+  return init_fn, directions_of
+
+
 def scale_by_path_norm(
     apply_fn: ApplyFn,
     example_input: Any,
@@ -179,7 +251,9 @@ def scale_by_path_norm(
   e) is invariant under node rescalings, so the clipped update is still rescaling invariant.
   Groups that are exactly 0 (a block behind a zero-initialised scale at the first step) are
   left out, so they can leave 0. On the paper's MLPs at their learning rates Σ_G ρ_G stays
-  below 0.15: the limit is never reached. The step is measured before momentum.
+  below 0.15: the limit is never reached. Here the bound acts on this transformation's output,
+  before any momentum chained after it, which can make the step taken up to 1/(1 − β) larger;
+  :func:`path_sgd` bounds the step after momentum, the one actually taken.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires ``params``;
@@ -201,59 +275,21 @@ def scale_by_path_norm(
     Neyshabur, Salakhutdinov & Srebro, `Path-SGD: Path-Normalized Optimization in Deep Neural
     Networks <https://arxiv.org/abs/1506.02617>`_, NIPS 2015.
   """
-  p = check_p(p)
-  refresh_every = _check_refresh(refresh_every)
-  if not callable(apply_fn):
-    raise ValueError(f"apply_fn must be callable as apply_fn(params, x), got {apply_fn!r}.")
   if max_relative_step is not None:
     _check_number("max_relative_step", max_relative_step, low=0.0, low_open=True)
     if learning_rate is None:
       raise ValueError("max_relative_step needs the learning_rate the update is scaled by "
                        "(path_sgd passes it); pass learning_rate= too.")
-
-  groups = {}  # static, from the trace: leaf -> group head (None for excluded leaves)
-
-  def scales_of(params, inputs) -> list:
-    net = PathNetwork(apply_fn, params, example_input, p, mask)
-    scales = compute_scales(net, params, normalize=normalize, inputs=inputs)
-    groups["heads"] = [g if inc else None for g, inc in zip(scales.groups, net.included)]
-    return scales.kappa
-
-  def init_fn(params):
-    count = jnp.zeros([], jnp.int32)
-    if refresh_every == 1:
-      return ScaleByPathNormState(count, kappa=None)
-    # Shapes only: the first update refreshes κ (count 0), so init never runs the network
-    # and works on abstract params.
-    kappa = jax.tree.map(lambda x: jnp.zeros_like(x, dtype=_compute_dtype()), params)
-    return ScaleByPathNormState(count, kappa)
+  init_fn, directions_of = _path_directions(apply_fn, example_input, p=p, mask=mask,
+                                            refresh_every=refresh_every, normalize=normalize)
 
   def update_fn(updates, state, params=None, *, inputs=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(_NO_PARAMS)
-    if state.kappa is None:  # refresh_every == 1, decided when the state was made
-      kappa = scales_of(params, inputs)
-      cached = None
-    else:
-      cached_structure = jax.tree.structure(state.kappa)
-
-      def refresh(params):
-        kappa = map(_like, scales_of(params, inputs), jax.tree.leaves(state.kappa))
-        return cached_structure.unflatten(list(kappa))
-
-      cached = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda _: state.kappa,
-                            params)
-      kappa = jax.tree.leaves(cached)
-    treedef = jax.tree.structure(updates)
-    directions = list(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
+    step, new_state = directions_of(updates, state, params, inputs)
     if max_relative_step is not None:
-      rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      directions = _trust_region(directions, kappa, treedef.flatten_up_to(params),
-                                 groups["heads"], rate, max_relative_step)
-    updates = treedef.unflatten(directions)
-    count = optax.safe_int32_increment(state.count)
-    return updates, ScaleByPathNormState(count, cached)
+      return step.unflatten(step.clip(step.directions, _rate_at(learning_rate, state.count),
+                                      max_relative_step)), new_state
+    return step.unflatten(step.directions), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -292,10 +328,12 @@ def path_sgd(
     refresh_every: recompute κ every this many steps (1 = the paper's rule).
     normalize: precondition by κ/φ_p² instead of κ (see :func:`scale_by_path_norm`): one
       learning rate then suits networks of any depth.
-    max_relative_step: limit each leaf's step to this multiple of the leaf, in the path
-      metric (a rescaling-invariant trust region that keeps near-dead branches, such as
-      zero-initialised residual scales, from diverging; inactive on healthy networks; see
-      :func:`scale_by_path_norm`); 1.0 suits them. None (default) is the paper's rule.
+    max_relative_step: bound the relative size Σ_G ρ_G of the step taken (after momentum,
+      :func:`relative_step`) by this, scaling the step down where it is exceeded: a
+      rescaling-invariant trust region in the path metric that keeps near-dead branches, such
+      as zero-initialised residual scales, from diverging, and is inactive on healthy
+      networks (see :func:`scale_by_path_norm`); 1.0 suits them. The momentum buffer keeps
+      the unclipped directions. None (default) is the paper's rule.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` requires ``params`` (and
@@ -323,11 +361,31 @@ def path_sgd(
     _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
   if not callable(learning_rate):
     _check_number("learning_rate", learning_rate, low=0.0, low_open=True)
-  return optax.chain(
-      scale_by_path_norm(apply_fn, example_input, p=p, mask=mask, refresh_every=refresh_every,
-                         normalize=normalize, max_relative_step=max_relative_step,
-                         learning_rate=learning_rate),
-      optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
-      else optax.identity(),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  if max_relative_step is not None:
+    _check_number("max_relative_step", max_relative_step, low=0.0, low_open=True)
+  init_directions, directions_of = _path_directions(
+      apply_fn, example_input, p=p, mask=mask, refresh_every=refresh_every, normalize=normalize)
+  accumulate = (optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
+                else optax.identity())
+  scale = optax.scale_by_learning_rate(learning_rate)
+
+  # The state is that of chain(scale_by_path_norm, trace, scale_by_learning_rate), so
+  # checkpoints and code that index it by position keep working.
+  def init_fn(params):
+    return (init_directions(params), accumulate.init(params), scale.init(params))
+
+  def update_fn(updates, state, params=None, *, inputs=None, **extra_args):
+    del extra_args
+    path_state, trace_state, scale_state = state
+    rate = _rate_at(learning_rate, path_state.count)
+    step, path_state = directions_of(updates, path_state, params, inputs)
+    moved, trace_state = accumulate.update(step.unflatten(step.directions), trace_state)
+    if max_relative_step is not None:
+      # The bound acts on the step actually taken (after momentum); the momentum buffer
+      # keeps the unclipped directions, as in chain(trace, clip).
+      moved = step.unflatten(step.clip(step.treedef.flatten_up_to(moved), rate,
+                                       max_relative_step))
+    updates, scale_state = scale.update(moved, scale_state)
+    return updates, (path_state, trace_state, scale_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
