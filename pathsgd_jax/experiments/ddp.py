@@ -160,7 +160,7 @@ def run_ddp(cfg: DDPConfig, log=print) -> dict:
         len(splits[s][1]), 1000)) for s in ("train", "val", "test")}
     example = jnp.zeros((cfg.batch_size, info["input_dim"]), jnp.float32)
     steps_per_epoch = info["n_train"] // cfg.batch_size
-    chunk = training.largest_divisor_at_most(max(steps_per_epoch, 1), cfg.steps_per_call)
+    chunk = training.chunk_steps(steps_per_epoch, cfg.steps_per_call)
     log(f"[ddp] {info['name']}: {info['n_train']} train / {info['n_val']} val / "
         f"{info['n_test']} test, MLP {'-'.join(map(str, sizes))}, {cfg.epochs} epochs")
     for opt_name in cfg.optimizers:

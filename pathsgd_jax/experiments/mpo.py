@@ -200,7 +200,7 @@ def run_mpo(cfg: MPOConfig, log=print) -> dict:
   evals = {s: training.EvalData.build(*splits[s]) for s in ("train", "val", "test")}
   example = jnp.zeros((cfg.batch_size, 784), jnp.float32)
   steps_per_epoch = len(splits["train"][1]) // cfg.batch_size
-  chunk = training.largest_divisor_at_most(max(steps_per_epoch, 1), cfg.steps_per_call)
+  chunk = training.chunk_steps(steps_per_epoch, cfg.steps_per_call)
   key = jax.random.key(cfg.seed)
   results: dict[str, Any] = {
       "command": "mpo", "config": dataclasses.asdict(cfg), "dataset": name,

@@ -200,7 +200,7 @@ def run_paper(cfg: PaperConfig, *, progress: bool = False, log=print) -> dict:
 
     dropout_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     steps_per_epoch = info["n_train"] // cfg.batch_size
-    chunk = training.largest_divisor_at_most(max(steps_per_epoch, 1), cfg.steps_per_call)
+    chunk = training.chunk_steps(steps_per_epoch, cfg.steps_per_call)
     for opt_name in cfg.optimizers:
       tx = optim_lib.make_optimizer(opt_name, models.mlp_forward, example,
                                      momentum=cfg.momentum)

@@ -300,7 +300,7 @@ def run_resnet(cfg: ResNetConfig, log=print) -> dict:
            for s in ("train", "val", "test")}
   evaluate = training.make_evaluator(lambda v, x: model.apply(v, x, train=False))
   steps_per_epoch = info["n_train"] // cfg.batch_size
-  chunk = training.largest_divisor_at_most(max(steps_per_epoch, 1), cfg.steps_per_call)
+  chunk = training.chunk_steps(steps_per_epoch, cfg.steps_per_call)
   results: dict[str, Any] = {
       "command": "resnet", "config": dataclasses.asdict(cfg),
       "grids": {o: cfg.grid_for(o) for o in cfg.optimizers},
