@@ -324,9 +324,7 @@ def test_zero_initialised_resnet_trains_with_path_sgd(train):
     tiny. 30 jitted Path-SGD steps on the digits stay finite (and, with train-mode BN, reduce
     the loss); the report warns about the dead branches at the start. Without the trust region
     (max_relative_step=None) the eval-mode run reaches NaN within 8 steps at lr 0.1 and its
-    loss passes 1e26 at lr 0.01. With frozen statistics the bounded step keeps the loss finite,
-    not small: at lr 0.1 it still grows to about 1e5 (SGD does not train this network either);
-    max_relative_step=0.3 keeps it below 2.4."""
+    loss passes 1e26 at lr 0.01."""
     x, y = mz.digits(256)
     model = mz.SmallResNet(stage_features=(4, 8))
     variables = model.init(jax.random.key(0), x[:2])
@@ -335,8 +333,10 @@ def test_zero_initialised_resnet_trains_with_path_sgd(train):
     path_fn = psgd.linen.apply_fn(model, variables={"batch_stats": batch_stats}, **kwargs)
     report = psgd.path_structure(path_fn, params, x[:8])
     assert any(w.kind == "kappa_zero" for w in report.warnings), report.warnings
+    # Frozen statistics leave the network unnormalised: the tighter trust region, which the
+    # README recommends for it (with 1.0 this run's loss grows to about 1e5).
     tx = psgd.path_sgd(0.3 if train else 0.1, path_fn, x[:2], momentum=0.9,
-                       max_relative_step=1.0)
+                       max_relative_step=1.0 if train else 0.1)
     opt_state = tx.init(params)
 
     @jax.jit
