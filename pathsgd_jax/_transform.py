@@ -331,8 +331,9 @@ def path_sgd(
     max_relative_step: bound the relative size Σ_G ρ_G of the step taken (after momentum,
       :func:`relative_step`) by this, scaling the step down where it is exceeded: a
       rescaling-invariant trust region in the path metric that keeps near-dead branches, such
-      as zero-initialised residual scales, from diverging, and is inactive on healthy
-      networks (see :func:`scale_by_path_norm`); 1.0 suits them. The momentum buffer keeps
+      as zero-initialised residual scales, from diverging (see :func:`scale_by_path_norm`).
+      With :func:`suggest_learning_rate`'s η, 0.1 trains them (1.0, faster, where BatchNorm
+      uses batch statistics) and rarely acts on healthy networks. The momentum buffer keeps
       the unclipped directions. None (default) is the paper's rule.
 
   Returns:
