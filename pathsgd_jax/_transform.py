@@ -126,27 +126,12 @@ def _rate_at(learning_rate, count):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-class _Directions(NamedTuple):
-  """One step's path-normalised directions u = g/κ, with what the trust region needs."""
-
-  directions: list
-  kappa: list
-  weights: list
-  heads: list
-  treedef: Any
-
-  def clip(self, leaves, learning_rate, limit) -> list:
-    """``leaves`` (a step like the directions) scaled into the trust region at η."""
-    return _trust_region(leaves, self.kappa, self.weights, self.heads, learning_rate, limit)
-
-  def unflatten(self, leaves):
-    return self.treedef.unflatten(list(leaves))
-
-
 def _path_directions(apply_fn, example_input, *, p, mask, refresh_every, normalize):
-  """``init_fn`` and ``directions_of(updates, state, params, inputs)`` of scale_by_path_norm:
-  the directions g/κ (κ refreshed every ``refresh_every`` steps) and the new state, shared by
-  :func:`scale_by_path_norm` and :func:`path_sgd` (which bounds the step after momentum)."""
+  """``init_fn`` and ``directions_of(updates, state, params, inputs)`` of scale_by_path_norm,
+  shared by :func:`scale_by_path_norm` and :func:`path_sgd` (which bounds the step after
+  momentum). ``directions_of`` returns the directions g/κ (κ refreshed every
+  ``refresh_every`` steps), ``bound(step, learning_rate, limit)`` that scales a step like them
+  into the trust region at this κ, and the new state."""
   p = check_p(p)
   refresh_every = _check_refresh(refresh_every)
   if not callable(apply_fn):
@@ -186,10 +171,14 @@ def _path_directions(apply_fn, example_input, *, p, mask, refresh_every, normali
       kappa = jax.tree.leaves(cached)
     treedef = jax.tree.structure(updates)
     directions = list(map(_safe_divide, treedef.flatten_up_to(updates), kappa))
-    step = _Directions(directions, kappa, treedef.flatten_up_to(params), groups["heads"],
-                       treedef)
+
+    def bound(step, learning_rate, limit):
+      return treedef.unflatten(_trust_region(treedef.flatten_up_to(step), kappa,
+                                             treedef.flatten_up_to(params), groups["heads"],
+                                             learning_rate, limit))
+
     count = optax.safe_int32_increment(state.count)
-    return step, ScaleByPathNormState(count, cached)
+    return treedef.unflatten(directions), bound, ScaleByPathNormState(count, cached)
 
   return init_fn, directions_of
 
@@ -285,11 +274,10 @@ def scale_by_path_norm(
 
   def update_fn(updates, state, params=None, *, inputs=None, **extra_args):
     del extra_args
-    step, new_state = directions_of(updates, state, params, inputs)
+    directions, bound, new_state = directions_of(updates, state, params, inputs)
     if max_relative_step is not None:
-      return step.unflatten(step.clip(step.directions, _rate_at(learning_rate, state.count),
-                                      max_relative_step)), new_state
-    return step.unflatten(step.directions), new_state
+      directions = bound(directions, _rate_at(learning_rate, state.count), max_relative_step)
+    return directions, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -378,15 +366,13 @@ def path_sgd(
   def update_fn(updates, state, params=None, *, inputs=None, **extra_args):
     del extra_args
     path_state, trace_state, scale_state = state
-    rate = _rate_at(learning_rate, path_state.count)
-    step, path_state = directions_of(updates, path_state, params, inputs)
-    moved, trace_state = accumulate.update(step.unflatten(step.directions), trace_state)
+    directions, bound, new_path_state = directions_of(updates, path_state, params, inputs)
+    moved, trace_state = accumulate.update(directions, trace_state)
     if max_relative_step is not None:
       # The bound acts on the step actually taken (after momentum); the momentum buffer
       # keeps the unclipped directions, as in chain(trace, clip).
-      moved = step.unflatten(step.clip(step.treedef.flatten_up_to(moved), rate,
-                                       max_relative_step))
+      moved = bound(moved, _rate_at(learning_rate, path_state.count), max_relative_step)
     updates, scale_state = scale.update(moved, scale_state)
-    return updates, (path_state, trace_state, scale_state)
+    return updates, (new_path_state, trace_state, scale_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
